@@ -1,0 +1,459 @@
+"""DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers") in Flax Linen.
+
+Read top to bottom: embedders, attention, MLP, the block, the final layer, the model, the
+config table. Arrays are NHWC (channels last); tokens are [B, N, D] in row-major (h, w) order.
+Parameter names follow the official PyTorch state_dict (`x_embedder.proj`, `blocks.3.attn.qkv`,
+...) so `dydit_jax.convert` can map them one to one.
+
+Numerics follow the release exactly (see tests/test_dit.py for the parity tests):
+- timestep features: 256 = 128 frequencies, [cos, sin], max_period 10000, always float32;
+- LayerNorm without affine, eps 1e-6; GELU with the tanh approximation;
+- adaLN-Zero chunks in the order shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp;
+- label table with a last "null" row used for classifier-free guidance.
+
+Mixed precision: `dtype` is the compute dtype of the matmuls, `param_dtype` the storage dtype.
+LayerNorm statistics, the attention softmax and the output are kept in float32 (or float64 when
+the whole model runs in float64).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# Default initialisers of the release (`DiT.initialize_weights`).
+xavier_uniform = nn.initializers.xavier_uniform()
+# The patch embedding is initialised like a Linear on the flattened (C*p*p) input.
+patch_kernel_init = nn.initializers.variance_scaling(
+    1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1)
+normal_002 = nn.initializers.normal(stddev=0.02)
+zeros = nn.initializers.zeros
+
+
+def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2:
+        raise ValueError(f"input_size must be an int or an (height, width) pair, got {size!r}")
+    return size
+
+
+def _float_dtype(dtype: Dtype) -> Dtype:
+    """float32 for reduced-precision compute, float64 when the model runs in float64."""
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation. x: [B, N, D]; shift, scale: [B, D]."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def layer_norm(x, eps: float = 1e-6):
+    """LayerNorm without affine parameters, statistics in float32 (or float64)."""
+    dtype = x.dtype
+    x = x.astype(_float_dtype(dtype))
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return ((x - mean) * jax.lax.rsqrt(var + eps)).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Positional and timestep embeddings (fixed functions, no parameters)
+# ----------------------------------------------------------------------------------------------
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: Union[int, Tuple[int, int]]) -> np.ndarray:
+    """The release's fixed 2-D sin-cos table, float64 numpy. Returns [gh*gw, embed_dim].
+
+    Its first half of channels encodes the column (w) coordinate, the second half the row (h),
+    exactly as the release's `np.meshgrid(grid_w, grid_h)` ordering does.
+    """
+    gh, gw = _pair(grid_size)
+    grid_h = np.arange(gh, dtype=np.float32)
+    grid_w = np.arange(gw, dtype=np.float32)
+    grid = np.meshgrid(grid_w, grid_h)  # here w goes first
+    grid = np.stack(grid, axis=0).reshape(2, 1, gh, gw)
+    emb_h = _get_1d_sincos(embed_dim // 2, grid[0])
+    emb_w = _get_1d_sincos(embed_dim // 2, grid[1])
+    return np.concatenate([emb_h, emb_w], axis=1)
+
+
+def _get_1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got {embed_dim}")
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
+    """Sinusoidal features of (possibly fractional) timesteps. t: [B] -> [B, dim], float32.
+
+    The release builds these in float32 even in a float64 model, and so do we.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t).astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedders
+# ----------------------------------------------------------------------------------------------
+
+class TimestepEmbedder(nn.Module):
+    """t [B] -> [B, D]: sinusoidal features, Dense, SiLU, Dense."""
+    hidden_size: int
+    frequency_embedding_size: int = 256
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t):
+        dense = functools.partial(nn.Dense, self.hidden_size, kernel_init=normal_002,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        t_freq = timestep_embedding(t, self.frequency_embedding_size).astype(self.dtype)
+        h = dense(name="mlp_0")(t_freq)
+        return dense(name="mlp_2")(nn.silu(h))
+
+
+class LabelEmbedder(nn.Module):
+    """y [B] -> [B, D]. Row `num_classes` is the null label used for classifier-free guidance.
+
+    In training, each label is replaced by the null label with probability `dropout_prob`
+    (rng stream "label_dropout"); `force_drop_ids` [B] (1 = drop) overrides the random draw.
+    """
+    num_classes: int
+    hidden_size: int
+    dropout_prob: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, labels, train: bool = False, force_drop_ids=None):
+        use_cfg_embedding = int(self.dropout_prob > 0)
+        table = nn.Embed(self.num_classes + use_cfg_embedding, self.hidden_size,
+                         embedding_init=normal_002, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="embedding_table")
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.drop_labels(labels, force_drop_ids)
+        return table(labels)
+
+    def drop_labels(self, labels, force_drop_ids=None):
+        if force_drop_ids is None:
+            rng = self.make_rng("label_dropout")
+            drop = jax.random.uniform(rng, labels.shape) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return jnp.where(drop, self.num_classes, labels)
+
+
+class PatchEmbed(nn.Module):
+    """x [B, H, W, C] -> tokens [B, (H/p)*(W/p), D] (row-major), one strided conv."""
+    patch_size: int
+    hidden_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        p = self.patch_size
+        x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
+                    kernel_init=patch_kernel_init, bias_init=zeros, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="proj")(x)
+        b, h, w, d = x.shape
+        return x.reshape(b, h * w, d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention and MLP
+# ----------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Multi-head self-attention, timm layout: qkv rows [q; k; v], each head-major.
+
+    x: [B, N, D] -> [B, N, D]. `head_mask` [B, H] (optional) multiplies each head's output
+    before `proj` (DyDiT's masked path; proj's bias is always added).
+    """
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, head_mask=None):
+        b, n, d = x.shape
+        h = self.num_heads
+        hd = d // h
+        dense = functools.partial(nn.Dense, kernel_init=xavier_uniform, bias_init=zeros,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv = dense(3 * d, name="qkv")(x).reshape(b, n, 3, h, hd)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = dot_product_attention(q, k, v)  # [B, N, H, hd]
+        if head_mask is not None:
+            out = out * head_mask[:, None, :, None].astype(out.dtype)
+        return dense(d, name="proj")(out.reshape(b, n, d))
+
+
+def dot_product_attention(q, k, v):
+    """Softmax attention with scale head_dim**-0.5, softmax in float32. q,k,v: [B, N, H, hd]."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+    probs = jax.nn.softmax(logits.astype(_float_dtype(q.dtype)), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2. x: [B, N, D] -> [B, N, D].
+
+    `group_mask` [B, G] (optional) multiplies fc1's output in G contiguous groups of
+    hidden/G channels before the GELU (DyDiT's masked path; fc2's bias is always added).
+    """
+    hidden_features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, group_mask=None):
+        dense = functools.partial(nn.Dense, kernel_init=xavier_uniform, bias_init=zeros,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(self.hidden_features, name="fc1")(x)
+        if group_mask is not None:
+            g = group_mask.shape[-1]
+            mask = jnp.repeat(group_mask, self.hidden_features // g, axis=-1)
+            h = h * mask[:, None, :].astype(h.dtype)
+        h = nn.gelu(h, approximate=True)
+        return dense(x.shape[-1], name="fc2")(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# DiT block and final layer
+# ----------------------------------------------------------------------------------------------
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block. x: [B, N, D], c: [B, D] -> [B, N, D].
+
+    Written as `(x, c) -> (x, None)` so that the same module can be `nn.scan`-ned over depth.
+    """
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, c):
+        d = self.hidden_size
+        mod = nn.Dense(6 * d, kernel_init=zeros, bias_init=zeros, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        attn = Attention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="attn")
+        mlp = Mlp(int(d * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="mlp")
+        x = x + gate_msa[:, None] * attn(modulate(layer_norm(x), shift_msa, scale_msa))
+        x = x + gate_mlp[:, None] * mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        return x, None
+
+
+class FinalLayer(nn.Module):
+    """adaLN modulation then Linear to p*p*C_out per token. x: [B, N, D] -> [B, N, p*p*C_out]."""
+    hidden_size: int
+    patch_size: int
+    out_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, c):
+        mod = nn.Dense(2 * self.hidden_size, kernel_init=zeros, bias_init=zeros,
+                       dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="adaLN_modulation")(nn.silu(c))
+        shift, scale = jnp.split(mod, 2, axis=-1)
+        x = modulate(layer_norm(x), shift, scale)
+        return nn.Dense(self.patch_size * self.patch_size * self.out_channels,
+                        kernel_init=zeros, bias_init=zeros, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="linear")(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+class DiT(nn.Module):
+    """Diffusion Transformer. `apply(variables, x, t, y)`: x [B, H, W, C], t [B], y [B] int.
+
+    Returns [B, H, W, C_out] with C_out = 2C when `learn_sigma` (eps channels first, then the
+    variance values), else C. Constructor arguments are the official ones, plus:
+    - `scan_layers`: run the blocks as one `nn.scan` (parameters stacked under "blocks" with a
+      leading depth axis) instead of `blocks_0..blocks_{L-1}`; faster compiles for deep models.
+    - `remat`: rematerialise each block in the backward pass (activation memory ~ one block).
+    - `dtype` / `param_dtype`: compute and storage dtypes (bfloat16 compute, float32 params for
+      mixed precision).
+    """
+    input_size: Union[int, Tuple[int, int]] = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    scan_layers: bool = False
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        h, w = _pair(self.input_size)
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"input_size {(h, w)} is not divisible by patch_size {p}")
+        return (h // p, w // p)
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    def pos_embed(self):
+        """Fixed [1, N, D] sin-cos table, rounded through float32 as the release stores it."""
+        table = get_2d_sincos_pos_embed(self.hidden_size, self.grid_size).astype(np.float32)
+        return jnp.asarray(table[None], dtype=_float_dtype(self.dtype))
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                             f"{self.num_heads}")
+        self.x_embedder = PatchEmbed(self.patch_size, self.hidden_size, **kw)
+        self.t_embedder = TimestepEmbedder(self.hidden_size, **kw)
+        self.y_embedder = LabelEmbedder(self.num_classes, self.hidden_size,
+                                        self.class_dropout_prob, **kw)
+        block = DiTBlock
+        if self.remat:
+            block = nn.remat(block, prevent_cse=not self.scan_layers)
+        block_kw = dict(hidden_size=self.hidden_size, num_heads=self.num_heads,
+                        mlp_ratio=self.mlp_ratio, **kw)
+        if self.scan_layers:
+            self.blocks = nn.scan(block, variable_axes={"params": 0},
+                                  split_rngs={"params": True}, in_axes=nn.broadcast,
+                                  length=self.depth)(**block_kw)
+        else:
+            self.blocks = [block(**block_kw, name=f"blocks_{i}") for i in range(self.depth)]
+        self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, **kw)
+
+    def embed(self, x, t, y, train: bool = False, force_drop_ids=None):
+        """Patch tokens [B, N, D] (pos_embed added) and the conditioning c = t_emb + y_emb."""
+        self._check_inputs(x, t, y)
+        tokens = self.x_embedder(x.astype(self.dtype)) + self.pos_embed().astype(self.dtype)
+        c = self.t_embedder(t) + self.y_embedder(y, train=train, force_drop_ids=force_drop_ids)
+        return tokens, c
+
+    def run_blocks(self, x, c):
+        if self.scan_layers:
+            x, _ = self.blocks(x, c)
+            return x
+        for blk in self.blocks:
+            x, _ = blk(x, c)
+        return x
+
+    def unpatchify(self, x):
+        """tokens [B, N, p*p*C] (last axis ordered p_row, p_col, c) -> [B, H, W, C]."""
+        b = x.shape[0]
+        gh, gw = self.grid_size
+        p, c = self.patch_size, self.out_channels
+        x = x.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, gh * p, gw * p, c)
+
+    def __call__(self, x, t, y, train: bool = False, force_drop_ids=None):
+        tokens, c = self.embed(x, t, y, train=train, force_drop_ids=force_drop_ids)
+        tokens = self.run_blocks(tokens, c)
+        out = self.final_layer(tokens, c)
+        return self.unpatchify(out).astype(_float_dtype(self.dtype))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Optional[int] = 3):
+        """Classifier-free guidance in one batched pass, as the release does it.
+
+        x, t, y: [2n, ...]; rows [0:n] conditional, rows [n:2n] the null label. Only `x[:n]` is
+        used (duplicated). The release guides only eps channels 0..2 (`guide_channels=3`, which
+        is the default for checkpoint parity); `guide_channels=None` guides all eps channels,
+        which is what the CFG formula intends for 4-channel latents. The remaining channels
+        (and the variance channels) pass through from each row's own output. `cfg_scale` may
+        be a traced value: changing it never recompiles.
+        """
+        half = x[: x.shape[0] // 2]
+        combined = jnp.concatenate([half, half], axis=0)
+        out = self(combined, t, y)
+        k = self.in_channels if guide_channels is None else guide_channels
+        eps, rest = out[..., :k], out[..., k:]
+        cond, uncond = jnp.split(eps, 2, axis=0)
+        guided = uncond + jnp.asarray(cfg_scale, eps.dtype) * (cond - uncond)
+        return jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
+
+    def _check_inputs(self, x, t, y):
+        h, w = _pair(self.input_size)
+        expected = (h, w, self.in_channels)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"DiT expects x of shape [B, {h}, {w}, {self.in_channels}] (NHWC), got "
+                f"{tuple(x.shape)}. Transpose NCHW inputs with x.transpose(0, 2, 3, 1).")
+        for name, v in (("t", t), ("y", y)):
+            if jnp.ndim(v) != 1 or jnp.shape(v)[0] != x.shape[0]:
+                raise ValueError(f"DiT expects {name} of shape [B]={[x.shape[0]]}, got "
+                                 f"{tuple(jnp.shape(v))}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs of the paper: S, B, L, XL x patch 2, 4, 8
+# ----------------------------------------------------------------------------------------------
+
+SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+
+
+def dit_config(name: str) -> dict:
+    """Constructor arguments of a named config: "DiT-XL/2", "DiT_S_4", "S/8", ..."""
+    key = name.replace("DiT-", "").replace("DiT_", "").replace("_", "/")
+    try:
+        size, patch = key.split("/")
+        return dict(SIZES[size], patch_size=int(patch))
+    except (ValueError, KeyError):
+        valid = ", ".join(f"DiT-{s}/{p}" for s in SIZES for p in (2, 4, 8))
+        raise ValueError(f"unknown DiT config {name!r}; valid: {valid}") from None
+
+
+def _preset(size: str, patch: int):
+    def make(**kwargs) -> DiT:
+        return DiT(**{**SIZES[size], "patch_size": patch, **kwargs})
+    make.__name__ = f"DiT_{size}_{patch}"
+    make.__doc__ = f"DiT-{size}/{patch}: {SIZES[size]}, patch {patch}."
+    return make
+
+
+DiT_models = {f"DiT-{s}/{p}": _preset(s, p) for s in SIZES for p in (2, 4, 8)}
+DiT_XL_2, DiT_XL_4, DiT_XL_8 = (DiT_models[f"DiT-XL/{p}"] for p in (2, 4, 8))
+DiT_L_2, DiT_L_4, DiT_L_8 = (DiT_models[f"DiT-L/{p}"] for p in (2, 4, 8))
+DiT_B_2, DiT_B_4, DiT_B_8 = (DiT_models[f"DiT-B/{p}"] for p in (2, 4, 8))
+DiT_S_2, DiT_S_4, DiT_S_8 = (DiT_models[f"DiT-S/{p}"] for p in (2, 4, 8))

