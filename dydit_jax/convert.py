@@ -205,6 +205,7 @@ def _match(state: Dict[str, np.ndarray], model: DiT, allow_missing: Optional[str
 
     found: Dict[Tuple[str, ...], np.ndarray] = {}
     unexpected, mismatched = [], []
+    seen_misshaped = set()
     for key, value in state.items():
         if key in _FIXED_BUFFERS:
             _check_fixed_buffer(key, value, model, mismatched)
@@ -216,13 +217,14 @@ def _match(state: Dict[str, np.ndarray], model: DiT, allow_missing: Optional[str
         want = tuple(expected[path].shape)
         if to_flax_layout(value, layout).shape != want:
             mismatched.append((key, _torch_shape(want, layout), tuple(value.shape)))
+            seen_misshaped.add(path)
             continue
         found[path] = to_flax_layout(value, layout).astype(expected[path].dtype)
 
     allowed = re.compile(allow_missing) if allow_missing else None
     missing, fresh = [], []
     for path in expected:
-        if path in found:
+        if path in found or path in seen_misshaped:
             continue
         name = "/".join(path)
         if allowed is not None and allowed.search(name):
@@ -250,7 +252,7 @@ def _check_fixed_buffer(key, value, model, mismatched):
     want = model.pos_embed()
     if tuple(value.shape) != tuple(want.shape):
         mismatched.append((key, tuple(want.shape), tuple(value.shape)))
-    elif not np.allclose(value, np.asarray(want, np.float64), atol=1e-5):
+    elif not np.allclose(value, np.asarray(want, np.float64), atol=1e-2):  # bf16 files too
         raise ValueError("checkpoint pos_embed differs from the fixed 2-D sin-cos table of the "
                          "model: it was made for another input/patch size or hidden size")
 
