@@ -1,0 +1,309 @@
+"""Pre-extracted VAE latents stored as ``.npz`` shards.
+
+On-disk format (``FORMAT``, written by :func:`write_latent_shards`)::
+
+    <path>/latents-00000.npz   np.savez (uncompressed) with
+                                 latents: float32 [n, h, w, c]  (NHWC; c = 4 for SD VAEs)
+                                 labels:  int32   [n]
+    <path>/latents-00001.npz   ... all shards hold `shard_size` examples but the last
+    <path>/meta.json           {"format": "dydit-latents-v1", "num_examples": N,
+                                "shape": [h, w, c], "dtype": "float32",
+                                "shards": [{"file": "latents-00000.npz", "num_examples": n}, ...],
+                                "metadata": {...}}   # free-form, e.g. vae name, scale_factor
+
+The stored values are exactly what training consumes: the extractor must store
+*scaled* latents (e.g. ``vae.encode(x).sample() * 0.18215``) and may record the
+factor in ``metadata``. ``meta.json`` is written last, so its presence marks a
+complete dataset; without it the reader falls back to all ``*.npz`` files in the
+directory, in sorted order (handy for shards written by other tools).
+
+Reading memory-maps each shard's ``latents`` member (uncompressed npz members are
+contiguous ``.npy`` data inside the zip), so only the rows of each batch are read;
+compressed shards (``np.savez_compressed``) also work but are loaded whole.
+
+Config keys: ``path`` (required), ``latent_flip`` (default False: flip the W axis
+per example, keyed by seed/epoch/index), ``num_workers`` (threads gathering
+batches ahead, default 1), ``prefetch`` (batches in flight, default 2),
+``seed``, ``shuffle``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zipfile
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from dydit_jax.data import base
+
+FORMAT = "dydit-latents-v1"
+META_FILE = "meta.json"
+SHARD_PATTERN = "latents-{:05d}.npz"
+
+
+# --------------------------------------------------------------------------- writing
+def _as_pairs(item: Any) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(item, Mapping):
+        lat, lab = item["latents"], item["labels"]
+    else:
+        lat, lab = item
+    lat = np.asarray(lat)
+    lab = np.asarray(lab)
+    if lat.ndim == 3:  # a single example
+        lat, lab = lat[None], lab.reshape(1)
+    if lat.ndim != 4:
+        raise ValueError(f"latents must be [n, h, w, c] (or [h, w, c]), got shape {lat.shape}")
+    lab = lab.reshape(-1)
+    if lab.shape[0] != lat.shape[0]:
+        raise ValueError(f"got {lat.shape[0]} latents but {lab.shape[0]} labels")
+    if not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {lab.dtype}")
+    return lat, lab
+
+
+def write_latent_shards(
+    path: str | os.PathLike,
+    latents_iter: Iterable[Any],
+    shard_size: int,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write ``(latents [n, h, w, c], labels [n])`` batches as a latent dataset.
+
+    ``latents_iter`` yields ``(latents, labels)`` tuples or ``{"latents", "labels"}``
+    dicts; ``n`` may vary between items (``[h, w, c]`` with a scalar label is one
+    example). Latents are stored as float32 NHWC, labels as int32, in shards of
+    ``shard_size`` examples (the last may be smaller). ``metadata`` (JSON-able) is
+    kept in ``meta.json``. Returns the ``meta.json`` content.
+    """
+    shard_size = int(shard_size)
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    existing = [f for f in os.listdir(path) if f.endswith(".npz") or f == META_FILE]
+    if existing:
+        if not overwrite:
+            raise FileExistsError(
+                f"{path} already holds a latent dataset ({len(existing)} files); "
+                "pass overwrite=True to replace it"
+            )
+        for f in existing:
+            os.remove(os.path.join(path, f))
+
+    shards: list[dict[str, Any]] = []
+    shape: tuple[int, ...] | None = None
+    buf_lat: list[np.ndarray] = []
+    buf_lab: list[np.ndarray] = []
+    buffered = 0
+
+    def flush(n: int) -> None:
+        nonlocal buf_lat, buf_lab, buffered
+        lat = np.concatenate(buf_lat) if len(buf_lat) > 1 else buf_lat[0]
+        lab = np.concatenate(buf_lab) if len(buf_lab) > 1 else buf_lab[0]
+        name = SHARD_PATTERN.format(len(shards))
+        tmp = os.path.join(path, name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, latents=np.ascontiguousarray(lat[:n]), labels=lab[:n])
+        os.replace(tmp, os.path.join(path, name))
+        shards.append({"file": name, "num_examples": int(n)})
+        buf_lat, buf_lab = ([lat[n:]], [lab[n:]]) if len(lat) > n else ([], [])
+        buffered = len(lat) - n
+
+    for item in latents_iter:
+        lat, lab = _as_pairs(item)
+        if shape is None:
+            shape = tuple(int(s) for s in lat.shape[1:])
+        elif tuple(lat.shape[1:]) != shape:
+            raise ValueError(f"inconsistent latent shapes: {tuple(lat.shape[1:])} vs {shape}")
+        if len(lat) == 0:
+            continue
+        buf_lat.append(lat.astype(np.float32, copy=False))
+        buf_lab.append(lab.astype(np.int32))
+        buffered += len(lat)
+        while buffered >= shard_size:
+            flush(shard_size)
+    if buffered:
+        flush(buffered)
+    if not shards:
+        raise ValueError("latents_iter yielded no examples")
+
+    meta = {
+        "format": FORMAT,
+        "num_examples": int(sum(s["num_examples"] for s in shards)),
+        "shape": list(shape),
+        "dtype": "float32",
+        "shards": shards,
+        "metadata": dict(metadata or {}),
+    }
+    tmp = os.path.join(path, META_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, os.path.join(path, META_FILE))
+    return meta
+
+
+# --------------------------------------------------------------------------- reading
+def _read_npy_header(f, version):
+    fmt = np.lib.format
+    if version == (1, 0):
+        return fmt.read_array_header_1_0(f)
+    if version == (2, 0):
+        return fmt.read_array_header_2_0(f)
+    return fmt._read_array_header(f, version)  # v3 (utf8 field names)
+
+
+def _npz_member_info(path: str, member: str):
+    """(shape, dtype, data_offset or None) of ``member`` (e.g. 'latents') in an npz file.
+
+    ``data_offset`` is the byte offset of the raw array data in the file when the
+    member is stored uncompressed in C order (so it can be memory-mapped), else None.
+    """
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(member + ".npy")
+        except KeyError:
+            raise ValueError(
+                f"latent shard {path} has no array {member!r} (has {zf.namelist()})"
+            ) from None
+        with zf.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = _read_npy_header(f, version)
+            header_len = f.tell()
+    if info.compress_type != zipfile.ZIP_STORED or fortran or dtype.hasobject:
+        return shape, dtype, None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            return shape, dtype, None
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return shape, dtype, info.header_offset + 30 + name_len + extra_len + header_len
+
+
+class LatentShards:
+    """Random access to a latent dataset directory (validated on open)."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"latent dataset directory {path!r} does not exist")
+        self.path = path
+        meta_path = os.path.join(path, META_FILE)
+        self.meta: dict[str, Any] = {}
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+            if self.meta.get("format") != FORMAT:
+                raise ValueError(
+                    f"{meta_path}: unknown format {self.meta.get('format')!r}, expected {FORMAT!r}"
+                )
+            files = [s["file"] for s in self.meta["shards"]]
+            for f in files:
+                if not os.path.exists(os.path.join(path, f)):
+                    raise FileNotFoundError(f"{meta_path} lists shard {f!r}, missing in {path}")
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".npz"))
+        if not files:
+            raise FileNotFoundError(f"no .npz latent shards in {path!r}")
+
+        self._latents: list[np.ndarray] = []
+        labels = []
+        counts = []
+        shape = None
+        for i, name in enumerate(files):
+            fp = os.path.join(path, name)
+            lshape, ldtype, offset = _npz_member_info(fp, "latents")
+            bshape, bdtype, _ = _npz_member_info(fp, "labels")
+            if len(lshape) != 4:
+                raise ValueError(f"latent shard {fp}: latents must be [n, h, w, c], got {lshape}")
+            if shape is None:
+                shape, first = tuple(lshape[1:]), name
+            elif tuple(lshape[1:]) != shape:
+                raise ValueError(
+                    f"latent shards have inconsistent shapes: {name} has latents "
+                    f"{tuple(lshape[1:])} per example but {first} has {shape}"
+                )
+            if not np.issubdtype(ldtype, np.floating):
+                raise ValueError(f"latent shard {fp}: latents dtype {ldtype} is not floating")
+            if bshape != (lshape[0],) or not np.issubdtype(bdtype, np.integer):
+                raise ValueError(
+                    f"latent shard {fp}: labels {bshape} {bdtype} do not match "
+                    f"{lshape[0]} latents (need int [n])"
+                )
+            if self.meta:
+                want = int(self.meta["shards"][i]["num_examples"])
+                if want != lshape[0]:
+                    raise ValueError(
+                        f"latent shard {fp} holds {lshape[0]} examples, meta.json says {want}"
+                    )
+            if offset is not None:
+                lat = np.memmap(fp, dtype=ldtype, mode="r", shape=lshape, offset=offset)
+            else:
+                with np.load(fp) as z:
+                    lat = np.asarray(z["latents"])
+            with np.load(fp) as z:
+                labels.append(np.asarray(z["labels"]).astype(np.int32))
+            self._latents.append(lat)
+            counts.append(int(lshape[0]))
+        if self.meta and self.meta.get("shape") and tuple(self.meta["shape"]) != shape:
+            raise ValueError(f"{meta_path}: shape {self.meta['shape']} != shards' {shape}")
+        self.shape: tuple[int, int, int] = shape
+        self.labels = np.concatenate(labels)
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.files = files
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(float32 [len(indices), h, w, c], int32 [len(indices)])`` in the given order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError("latent index out of range")
+        out = np.empty((len(indices), *self.shape), np.float32)
+        shard = np.searchsorted(self._starts, indices, side="right") - 1
+        for s in np.unique(shard):
+            sel = np.nonzero(shard == s)[0]
+            rows = indices[sel] - self._starts[s]
+            order = np.argsort(rows, kind="stable")  # read each shard in file order
+            out[sel[order]] = self._latents[s][rows[order]]
+        return out, self.labels[indices]
+
+
+class LatentSource(base.DataSource):
+    name = "latents"
+
+    def __init__(self, cfg, *, process_index: int, process_count: int, local_batch_size: int):
+        self.shards = LatentShards(base.cfg_require(cfg, "path", self.name))
+        self.latent_flip = bool(base.cfg_get(cfg, "latent_flip", False))
+        self.image_shape = self.shards.shape
+        meta_classes = self.shards.meta.get("metadata", {}).get("num_classes")
+        self.num_classes = int(
+            base.cfg_get(cfg, "num_classes", None)
+            or meta_classes
+            or int(self.shards.labels.max()) + 1
+        )
+        self.sampler = base.EpochSampler(
+            len(self.shards),
+            local_batch_size,
+            seed=base.cfg_get(cfg, "seed", 0),
+            shuffle=bool(base.cfg_get(cfg, "shuffle", True)),
+            process_index=process_index,
+            process_count=process_count,
+        )
+        super().__init__(
+            num_workers=int(base.cfg_get(cfg, "num_workers", 1)),
+            prefetch=int(base.cfg_get(cfg, "prefetch", 2)),
+        )
+
+    def _load_batch(self, indices, epoch, seed):
+        lat, lab = self.shards.gather(indices)
+        if self.latent_flip:
+            flip = base.flip_mask(seed, epoch, indices)
+            lat[flip] = lat[flip, :, ::-1]
+        return {"image": lat, "label": lab}

@@ -1,0 +1,45 @@
+"""Image preprocessing (numpy / PIL only, no TensorFlow)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM / DiT center crop, as in DiT's ``train.py``.
+
+    Halve the image with ``Image.BOX`` while its short side is at least
+    ``2 * image_size``, resize with ``Image.BICUBIC`` so that the short side equals
+    ``image_size`` (long side ``round(x * scale)``), then take the central
+    ``image_size x image_size`` crop. Returns ``uint8 [image_size, image_size, C]``.
+    """
+    if isinstance(pil_image, np.ndarray):
+        pil_image = Image.fromarray(pil_image)
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(
+        tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC
+    )
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+def to_pil_rgb(image) -> Image.Image:
+    """Encoded bytes (JPEG/PNG...), a PIL image or a uint8 array -> RGB PIL image."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        image = Image.open(io.BytesIO(bytes(image)))
+    elif isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        image = Image.fromarray(image)
+    return image.convert("RGB")
+
+
+def uint8_to_unit(arr: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1] (``ToTensor`` + ``Normalize(0.5, 0.5)``)."""
+    return arr.astype(np.float32) * np.float32(1.0 / 127.5) - np.float32(1.0)
