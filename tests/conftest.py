@@ -27,3 +27,24 @@ def data_dir():
 def load_npz(*parts):
     with np.load(DATA.joinpath(*parts)) as f:
         return {k: f[k] for k in f.files}
+
+
+ROOT = DATA.parent.parent
+
+
+def run_python(code: str, devices: int = 1, timeout: int = 600, check: bool = True):
+    """Runs `code` in a fresh interpreter with `devices` simulated CPU devices.
+
+    Device count and x64 are process-global in JAX, so multi-device tests run in subprocesses.
+    Returns the CompletedProcess; with check=True a non-zero exit fails with its output.
+    """
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(ROOT), env=env, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"subprocess failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res

@@ -1,0 +1,377 @@
+"""FLOPs accounting for DiT / DyDiT, in MACs (multiply-accumulates), the DiT paper's convention.
+
+The DiT paper's "Gflops" are MACs of one forward pass of one sample: DiT-XL/2 at 256 px
+(latent 32x32x4) is 118.64 "Gflops" although a matmul-only count gives 118.62 G
+*multiply-accumulates* (2x that in FLOPs). Everything here counts MACs; multiply by 2 for
+FLOPs in the hardware sense (what XLA's `cost_analysis()["flops"]` reports for dots).
+
+What is counted (`static_macs`): every matmul and convolution, nothing else.
+- embedders: the patch conv (N * p*p*C * D), the timestep MLP (256*D + D*D; the sin/cos
+  features are not MACs), the label embedding (a table lookup: 0);
+- per block: adaLN (D * 6D, once per sample: it reads c, not the tokens), attention
+  qkv (N*D*3D), q@k^T (N*N*D), attn@v (N*N*D), proj (N*D*D), MLP fc1 (N*D*4D), fc2 (N*4D*D);
+- final layer: adaLN (D * 2D) and the linear (N * D * p*p*C_out).
+Softmax, LayerNorm, GELU, modulate, gates, residual adds and bias adds are elementwise, not
+MACs, and are not counted.
+
+Check against the paper. Source: Peebles & Xie, "Scalable Diffusion Models with Transformers",
+arXiv:2212.09748v2, Appendix A, Table 4 ("Details of all DiT models", the "Flops (G)" column,
+256x256 images = 32x32 latents). Ours (matmul/conv only) against the paper:
+
+    model      ours (G)   paper    diff          model      ours (G)   paper    diff
+    DiT-S/8     0.3580     0.36   -0.56 % (*)    DiT-L/8     5.0114     5.01   +0.03 %
+    DiT-S/4     1.4126     1.41   +0.18 %        DiT-L/4    19.6957    19.70   -0.02 %
+    DiT-S/2     6.0557     6.06   -0.07 %        DiT-L/2    80.6976    80.71   -0.02 %
+    DiT-B/8     1.4175     1.42   -0.17 %        DiT-XL/8    7.3924     7.39   +0.03 %
+    DiT-B/4     5.5652     5.56   +0.09 %        DiT-XL/4   29.0437    29.05   -0.02 %
+    DiT-B/2    23.0051    23.01   -0.02 %        DiT-XL/2  118.6214   118.64   -0.02 %
+
+(*) The paper prints two decimals: 0.36 stands for [0.355, 0.365), and 0.3580 is inside that
+interval; the relative 0.5 % band is finer than the table's own precision for this one entry.
+Every other entry agrees to <= 0.2 %, i.e. within the table's rounding. The remaining small
+positive residual of the large models (XL/2: +18.6 M at 256 px, +62 M of 524.60 G at 512 px)
+scales like ~2 * N * D per block: the paper's counter apparently also counted two elementwise
+[N, D] ops per block (e.g. the two residual adds). They are not MACs, so we leave them out; the
+effect is <= 0.02 % on every model whose number is printed with enough digits to see it.
+
+DyDiT (see DESIGN.md section 1):
+- `block_costs` / `flops_ratio`: the released FLOPs loss's per-block constants
+  A = 4ND^2 + 2N^2D (attention: qkv + proj + the two attention matmuls) and M = 8ND^2 (MLP),
+  and the per-sample ratio r_b that enters L_flops (jnp, differentiable, jit-able);
+- `dynamic_macs` / `macs_ratio`: whole-model MACs of a dynamic execution (what actually runs
+  in a width/token-gathered forward) and its ratio to the static model. This is the number the
+  inference engine reports as the "FLOPs ratio by our counter". It is larger than r_b because
+  embedders, adaLN, the final layer (and the routers) always run at full cost.
+
+`jaxpr_macs(fn, *args)` counts the MACs of the `dot_general` and convolution ops of any JAX
+function from its jaxpr (scans multiplied by their length), so compiled buckets can be counted
+exactly; XLA's own `cost_analysis()` counts a while/scan body only once and adds elementwise ops.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# DiT paper, arXiv:2212.09748v2, Appendix A, Table 4, "Flops (G)" at 256x256 (32x32 latents).
+PAPER_GFLOPS_256 = {
+    "DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06,
+    "DiT-B/8": 1.42, "DiT-B/4": 5.56, "DiT-B/2": 23.01,
+    "DiT-L/8": 5.01, "DiT-L/4": 19.70, "DiT-L/2": 80.71,
+    "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64,
+}
+
+# The parts `static_macs` reports, in forward order. Summing them gives "total".
+PARTS = (
+    "patch_embed", "t_embedder", "y_embedder",
+    "adaLN",
+    "attn_qkv", "attn_qk", "attn_av", "attn_proj",
+    "mlp_fc1", "mlp_fc2",
+    "final_adaLN", "final_linear",
+)
+ATTENTION_PARTS = ("attn_qkv", "attn_qk", "attn_av", "attn_proj")
+MLP_PARTS = ("mlp_fc1", "mlp_fc2")
+ROUTER_PARTS = ("width_routers", "token_router")
+
+# Constructor defaults of `dydit_jax.models.dit.DiT` for the fields the count depends on.
+_DEFAULTS = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, learn_sigma=True, frequency_embedding_size=256)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config handling
+# ----------------------------------------------------------------------------------------------
+
+def _resolve(model_or_config: Any) -> Dict[str, Any]:
+    """A DiT module, a dict of its constructor args, or a name ("DiT-XL/2") -> the fields we use."""
+    if isinstance(model_or_config, str):
+        from dydit_jax.models.dit import dit_config
+        given = dit_config(model_or_config)
+    elif isinstance(model_or_config, Mapping):
+        given = dict(model_or_config)
+    else:
+        given = {k: getattr(model_or_config, k) for k in _DEFAULTS
+                 if hasattr(model_or_config, k)}
+    cfg = {**_DEFAULTS, **{k: v for k, v in given.items() if k in _DEFAULTS}}
+    size = cfg["input_size"]
+    h, w = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+    p = int(cfg["patch_size"])
+    if h % p or w % p:
+        raise ValueError(f"input_size {(h, w)} is not divisible by patch_size {p}")
+    d, heads = int(cfg["hidden_size"]), int(cfg["num_heads"])
+    if d % heads:
+        raise ValueError(f"hidden_size {d} is not divisible by num_heads {heads}")
+    c = int(cfg["in_channels"])
+    return dict(
+        num_tokens=(h // p) * (w // p), patch_size=p, in_channels=c,
+        out_channels=2 * c if cfg["learn_sigma"] else c, hidden_size=d,
+        depth=int(cfg["depth"]), num_heads=heads,
+        mlp_hidden=int(d * cfg["mlp_ratio"]), freq_dim=int(cfg["frequency_embedding_size"]),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Static model
+# ----------------------------------------------------------------------------------------------
+
+def static_macs(model_or_config: Any) -> Dict[str, int]:
+    """MACs of one forward pass of one sample of a (static) DiT, per part, plus "total".
+
+    `model_or_config`: a `DiT` module, a dict of its constructor arguments (missing ones take
+    DiT's defaults, e.g. input_size 32 = 256 px), or a name such as "DiT-XL/2". Values are
+    Python ints, per sample: a batch of B costs B times as much (classifier-free guidance runs
+    a doubled batch). Blocks are summed over depth. Keys: `PARTS` and "total".
+    """
+    k = _resolve(model_or_config)
+    n, d, depth = k["num_tokens"], k["hidden_size"], k["depth"]
+    p, hid = k["patch_size"], k["mlp_hidden"]
+    out = {
+        "patch_embed": n * (p * p * k["in_channels"]) * d,
+        "t_embedder": k["freq_dim"] * d + d * d,
+        "y_embedder": 0,  # a table lookup
+        "adaLN": depth * d * 6 * d,
+        "attn_qkv": depth * n * d * 3 * d,
+        "attn_qk": depth * n * n * d,
+        "attn_av": depth * n * n * d,
+        "attn_proj": depth * n * d * d,
+        "mlp_fc1": depth * n * d * hid,
+        "mlp_fc2": depth * n * hid * d,
+        "final_adaLN": d * 2 * d,
+        "final_linear": n * d * (p * p * k["out_channels"]),
+    }
+    out["total"] = sum(out[name] for name in PARTS)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# DyDiT FLOPs loss (the released DynamicLoss._get_token_loss)
+# ----------------------------------------------------------------------------------------------
+
+def block_costs(num_tokens: int, hidden_size: int) -> Tuple[int, int]:
+    """Per-block MAC constants of the released FLOPs loss: (A, M).
+
+    A = 4ND^2 + 2N^2D: attention (qkv 3ND^2 + proj ND^2 + q@k N^2D + attn@v N^2D);
+    M = 8ND^2: the MLP (fc1 + fc2 with mlp_ratio 4). DiT-S/2: A = 0.2013 G, M = 0.3020 G.
+    """
+    n, d = int(num_tokens), int(hidden_size)
+    return 4 * n * d * d + 2 * n * n * d, 8 * n * d * d
+
+
+def flops_ratio(head_masks, group_masks, token_masks, num_tokens: int, hidden_size: int):
+    """Per-sample FLOPs ratio of the DyDiT loss. Returns [B] (jnp, differentiable).
+
+    r_b = sum_l [ (heads_on/H) * A + (groups_on/H) * (tokens_on/N) * M ] / (L * (A + M))
+
+    head_masks, group_masks: [B, L, H] 0/1 (soft STE values work too), index 0 included (the
+    always-on head/group counts). token_masks: [B, L, N] or [B, L, N, 1], or None for "all
+    tokens"; tokens_on/N is the mean over the mask's own token axis. `num_tokens` and
+    `hidden_size` only set the constants A and M (`block_costs`): the release uses a model's
+    constants even when the masks come from a smaller config, and so can the caller.
+    The batch mean of this is what L_flops = 2 * (mean_b r_b - target)^2 uses.
+    """
+    a, m = block_costs(num_tokens, hidden_size)
+    wa, wm = a / (a + m), m / (a + m)  # normalise in Python: no float32 overflow or cancellation
+    head_masks = jnp.asarray(head_masks)
+    group_masks = jnp.asarray(group_masks)
+    if head_masks.ndim != 3 or group_masks.shape != head_masks.shape:
+        raise ValueError(f"head_masks and group_masks must both be [B, L, H], got "
+                         f"{head_masks.shape} and {group_masks.shape}")
+    num_heads = head_masks.shape[-1]
+    dtype = jnp.result_type(head_masks.dtype, jnp.float32)
+    head_frac = jnp.sum(head_masks.astype(dtype), axis=-1) / num_heads        # [B, L]
+    group_frac = jnp.sum(group_masks.astype(dtype), axis=-1) / num_heads      # [B, L]
+    if token_masks is None:
+        token_frac = jnp.ones_like(group_frac)
+    else:
+        token_masks = jnp.asarray(token_masks)
+        if token_masks.ndim == 4:
+            if token_masks.shape[-1] != 1:
+                raise ValueError(f"token_masks must be [B, L, N] or [B, L, N, 1], got "
+                                 f"{token_masks.shape}")
+            token_masks = token_masks[..., 0]
+        if token_masks.ndim != 3 or token_masks.shape[:2] != head_masks.shape[:2]:
+            raise ValueError(f"token_masks must be [B, L, N] matching the head masks' [B, L] = "
+                             f"{head_masks.shape[:2]}, got {token_masks.shape}")
+        token_frac = jnp.mean(token_masks.astype(dtype), axis=-1)            # [B, L]
+    per_block = wa * head_frac + wm * group_frac * token_frac
+    return jnp.mean(per_block, axis=-1)
+
+
+def flops_loss(head_masks, group_masks, token_masks, num_tokens: int, hidden_size: int,
+               target: float):
+    """L_flops = 2 * (mean_b r_b - target)^2, as in the release (scalar, jnp)."""
+    r = flops_ratio(head_masks, group_masks, token_masks, num_tokens, hidden_size)
+    return 2.0 * jnp.square(jnp.mean(r) - target)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dynamic execution: whole-model MACs
+# ----------------------------------------------------------------------------------------------
+
+def counts_from_masks(head_masks, group_masks, token_masks=None):
+    """0/1 masks -> per-block active counts (numpy float64): heads [B, L], groups [B, L],
+    tokens [B, L] (None when `token_masks` is None). Index 0 is counted like any other."""
+    heads = np.asarray(head_masks, np.float64).sum(-1)
+    groups = np.asarray(group_masks, np.float64).sum(-1)
+    tokens = None
+    if token_masks is not None:
+        t = np.asarray(token_masks, np.float64)
+        if t.ndim == 4:
+            t = t[..., 0]
+        tokens = t.sum(-1)
+    return heads, groups, tokens
+
+
+def dynamic_macs(model_or_config: Any, head_counts, group_counts, token_counts=None,
+                 include_routers: bool = True) -> Dict[str, Any]:
+    """MACs of one dynamic forward pass of one sample, per part (same keys as `static_macs`,
+    plus "width_routers" and "token_router") and "total".
+
+    head_counts, group_counts: active heads / MLP groups per block, index 0 included: shape
+    [L] or [B, L] (or a scalar for every block); G = H groups of mlp_hidden/H channels.
+    token_counts: tokens that run the MLP per block, [L] or [B, L]; None = all N tokens.
+    Values are floats (numpy arrays with the batch shape when the counts have one).
+
+    Cost model, per block: attention scales with the active heads h as a whole
+    (qkv 3*N*D*(h*hd), q@k and attn@v N*N*(h*hd) each, proj N*(h*hd)*D: attention always sees
+    all N tokens); the MLP runs t tokens through g groups (fc1 t*D*(g*hid/H), fc2 the same).
+    Embedders, adaLN and the final layer always run in full. With `include_routers` the DyDiT
+    routers are added: the two width routers (2 * D*(H-1) per block per sample; computed once
+    per timestep, tiny) and the token router (N * (D*D//16 + D//16) per block, always on every
+    token). With full counts and include_routers=False this equals `static_macs` exactly.
+    """
+    k = _resolve(model_or_config)
+    n, d, depth, heads = k["num_tokens"], k["hidden_size"], k["depth"], k["num_heads"]
+    hid = k["mlp_hidden"]
+    hd, group_width = d // heads, hid // heads
+    if hid % heads:
+        raise ValueError(f"MLP hidden size {hid} is not divisible into {heads} groups")
+
+    def per_block(counts, name, upper):
+        c = np.asarray(counts, np.float64)
+        if c.ndim == 0:
+            c = np.full((depth,), float(c))
+        if c.shape[-1] != depth:
+            raise ValueError(f"{name} must have a last axis of depth {depth}, got {c.shape}")
+        if np.any(c < 0) or np.any(c > upper):
+            raise ValueError(f"{name} must lie in [0, {upper}]")
+        return c
+
+    h = per_block(head_counts, "head_counts", heads)
+    g = per_block(group_counts, "group_counts", heads)
+    t = per_block(n if token_counts is None else token_counts, "token_counts", n)
+    width = h * hd  # active attention width per block
+
+    static = static_macs(model_or_config)
+    out: Dict[str, Any] = {name: float(static[name]) for name in
+                           ("patch_embed", "t_embedder", "y_embedder", "adaLN",
+                            "final_adaLN", "final_linear")}
+    out["attn_qkv"] = (n * d * 3 * width).sum(-1)
+    out["attn_qk"] = (n * n * width).sum(-1)
+    out["attn_av"] = (n * n * width).sum(-1)
+    out["attn_proj"] = (n * width * d).sum(-1)
+    out["mlp_fc1"] = (t * d * g * group_width).sum(-1)
+    out["mlp_fc2"] = (t * g * group_width * d).sum(-1)
+    if include_routers:
+        r = d // 16
+        out["width_routers"] = float(depth * 2 * d * (heads - 1))
+        out["token_router"] = float(depth * n * (d * r + r))
+    else:
+        out["width_routers"] = 0.0
+        out["token_router"] = 0.0
+    out["total"] = sum(out[name] for name in PARTS + ROUTER_PARTS)
+    return out
+
+
+def macs_ratio(model_or_config: Any, head_counts, group_counts, token_counts=None,
+               include_routers: bool = True):
+    """Whole-model MACs ratio, dynamic / static (float, or an array with the counts' batch
+    shape). The inference engine reports this as the "FLOPs ratio by our counter"."""
+    dyn = dynamic_macs(model_or_config, head_counts, group_counts, token_counts,
+                       include_routers=include_routers)["total"]
+    return dyn / static_macs(model_or_config)["total"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting MACs of any JAX function from its jaxpr
+# ----------------------------------------------------------------------------------------------
+
+def _dot_macs(eqn) -> int:
+    lhs = eqn.invars[0].aval.shape
+    (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+    out = eqn.outvars[0].aval.shape
+    return math.prod(out) * math.prod(lhs[i] for i in lhs_contract)
+
+
+def _conv_macs(eqn) -> int:
+    rhs = eqn.invars[1].aval.shape
+    out = eqn.outvars[0].aval.shape
+    dn = eqn.params["dimension_numbers"]
+    out_feature_dim = dn.rhs_spec[0]
+    # Each output element reads (kernel spatial) x (input features per group) weights.
+    return math.prod(out) * (math.prod(rhs) // rhs[out_feature_dim])
+
+
+def _sub_jaxprs(value):
+    """Jaxprs held by an equation parameter (a jaxpr, a closed jaxpr or a tuple of them)."""
+    if hasattr(value, "eqns"):
+        return [value]
+    if hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+        return [value.jaxpr]
+    if isinstance(value, (tuple, list)):
+        return [j for v in value for j in _sub_jaxprs(v)]
+    return []
+
+
+def _jaxpr_macs(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            total += _dot_macs(eqn)
+        elif name == "conv_general_dilated":
+            total += _conv_macs(eqn)
+        elif name == "cond":
+            # Only one branch runs; count the most expensive (an upper bound).
+            total += max(_jaxpr_macs(j) for j in _sub_jaxprs(eqn.params["branches"]))
+        elif name == "while":
+            raise ValueError("jaxpr_macs cannot count a while loop (unknown trip count); "
+                             "use lax.scan or a Python loop")
+        else:
+            subs = [j for v in eqn.params.values() for j in _sub_jaxprs(v)]
+            macs = sum(_jaxpr_macs(j) for j in subs)
+            if name == "scan":
+                macs *= int(eqn.params["length"])
+            total += macs
+    return total
+
+
+def jaxpr_macs(fn, *args, **kwargs) -> int:
+    """MACs of the matmuls (`dot_general`) and convolutions of `fn(*args, **kwargs)`, counted
+    exactly from its jaxpr (nothing is run: abstract args such as `jax.ShapeDtypeStruct` work).
+    Scans count `length` times, conds their most expensive branch; elementwise ops count 0.
+    For `DiT.apply` with a batch of one this equals `static_macs(model)["total"]`."""
+    closed = jax.make_jaxpr(fn)(*args, **kwargs)
+    return _jaxpr_macs(closed.jaxpr)
+
+
+def xla_flops(compiled) -> float:
+    """`compiled.cost_analysis()["flops"]`; handles the list-of-dicts (older jax) and dict
+    (newer jax) return forms. XLA counts 2 flops per MAC for dots and one per elementwise op,
+    and counts a while/scan body once regardless of its trip count."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    if cost is None or "flops" not in cost:
+        raise ValueError(f"cost_analysis() returned no 'flops': {cost!r}")
+    return float(cost["flops"])
+
+
+__all__ = [
+    "PAPER_GFLOPS_256", "PARTS", "ATTENTION_PARTS", "MLP_PARTS", "ROUTER_PARTS",
+    "static_macs", "block_costs", "flops_ratio", "flops_loss", "counts_from_masks",
+    "dynamic_macs", "macs_ratio", "jaxpr_macs", "xla_flops",
+]

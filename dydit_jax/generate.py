@@ -1,0 +1,94 @@
+"""The sample mode: load weights, sample N images per class, write a PNG grid and an `.npz`.
+
+Weights come from `config.sample.checkpoint`: empty for the workdir's latest training
+checkpoint (EMA by default), an orbax params directory (the converter's output) or an official
+`.pt` / `.safetensors` file. Sampling is sharded over the batch (the mesh's data and fsdp axes),
+parameters replicated; one compile per run (the last batch is padded, not recompiled).
+
+Pixel-space models write images; latent-space models write their latents (`latents.npz`) for
+the VAE decoder of the evaluation tooling.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from dydit_jax import sampling
+from dydit_jax import sharding as sharding_lib
+from dydit_jax.checkpointing import TrainCheckpointer, load_params
+from dydit_jax.train import build_diffusion, build_model, build_optimizer, init_state
+
+
+def load_sampling_params(config, workdir: str, model):
+    """Parameters to sample with (see the module docstring for the sources)."""
+    source = config.sample.checkpoint
+    if not source:
+        tx = build_optimizer(config.train)
+        abstract = jax.eval_shape(functools.partial(init_state, model, tx),
+                                  jax.random.PRNGKey(0))
+        checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+        restored = checkpointer.restore_latest(abstract)
+        checkpointer.close()
+        if restored is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first, or "
+                                    f"set --config.sample.checkpoint=<params dir or .pt file>")
+        state, _, step = restored
+        print(f"sampling with {'EMA' if config.sample.use_ema else 'raw'} params of step {step}")
+        return state["ema"] if config.sample.use_ema else state["params"]
+    if os.path.isdir(source):
+        return load_params(source)
+    from dydit_jax.convert import from_pytorch
+    return from_pytorch(source, model, which="ema" if config.sample.use_ema else "model")["params"]
+
+
+def sample_labels(config) -> np.ndarray:
+    sc = config.sample
+    classes = list(sc.classes) or list(range(min(config.model.num_classes, 10)))
+    return np.repeat(np.asarray(classes, np.int32), sc.per_class)
+
+
+def sample_from_workdir(config, workdir: str, params=None) -> np.ndarray:
+    """Samples `config.sample.per_class` images of each class; returns them (uint8 or latents)."""
+    sc = config.sample
+    model = build_model(config.model)
+    if params is None:
+        params = load_sampling_params(config, workdir, model)
+    respacing = f"ddim{sc.num_steps}" if sc.sampler == "ddim" else str(sc.num_steps)
+    diffusion = build_diffusion(config, respacing)
+    mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
+    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = -(-min(sc.batch_size, len(sample_labels(config))) // n_shards) * n_shards
+    sample = sampling.make_sample_fn(
+        model, diffusion, sampler=sc.sampler, eta=sc.eta, clip_denoised=sc.clip_denoised,
+        guide_channels=None if sc.guide_channels < 0 else sc.guide_channels,
+        use_cfg=sc.cfg_scale > 1.0,
+        **sampling.sample_shardings(mesh, batch_axes=sharding_lib.BATCH_AXES))
+    params = jax.device_put(params, sharding_lib.replicated(mesh))
+
+    labels = sample_labels(config)
+    rng = jax.random.PRNGKey(config.seed)
+    chunks = []
+    for i, start in enumerate(tqdm(range(0, len(labels), batch), desc="sample",
+                                   disable=jax.process_index() != 0)):
+        chunk = labels[start:start + batch]
+        padded = np.pad(chunk, (0, batch - len(chunk)), mode="edge")
+        x = sample(params, jax.random.fold_in(rng, i), padded, sc.cfg_scale)
+        chunks.append(np.asarray(jax.device_get(x))[:len(chunk)])
+    samples = np.concatenate(chunks)
+
+    out_dir = os.path.join(workdir, "samples")
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        if config.data.name in ("latents",):
+            np.savez(os.path.join(out_dir, "latents.npz"), latents=samples, labels=labels)
+        else:
+            images = np.asarray(sampling.to_uint8(jnp.asarray(samples)))
+            sampling.save_grid_png(images, os.path.join(out_dir, "grid.png"), nrow=sc.per_class)
+            sampling.save_npz(images, os.path.join(out_dir, "samples.npz"), labels=labels)
+        print(f"wrote {len(samples)} samples to {out_dir}")
+    return samples

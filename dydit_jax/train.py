@@ -1,0 +1,233 @@
+"""Training: one jitted, sharded train step; exact resume; metrics; samples at the end.
+
+The same code runs on one CPU, on 8 simulated devices and on a TPU pod:
+- parameters, EMA and optimizer state are born sharded (`jax.eval_shape`, then a jitted init
+  with `out_shardings` from the regex rules of `config.mesh.rules`);
+- each host feeds its slice of the global batch (`sharding.global_batch`);
+- the train step is compiled once with explicit in/out shardings and donates the old state;
+- the step's randomness is `fold_in(state.rng, step)`, so a resumed run draws the same numbers;
+- the data cursor is saved with each checkpoint, so a resumed run sees the same batches.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from typing import Any, Callable, Dict
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from dydit_jax import data as data_lib
+from dydit_jax import sharding as sharding_lib
+from dydit_jax.checkpointing import TrainCheckpointer, load_params
+from dydit_jax.diffusion import create_diffusion
+from dydit_jax.metrics import MetricWriter
+from dydit_jax.models.dit import DiT, dit_config
+
+State = Dict[str, Any]
+
+
+def build_model(mc: ml_collections.ConfigDict) -> DiT:
+    """The DiT of `config.model` (named size or "custom")."""
+    if mc.name == "custom":
+        sizes = dict(hidden_size=mc.hidden_size, depth=mc.depth, num_heads=mc.num_heads,
+                     patch_size=mc.patch_size)
+    else:
+        sizes = dit_config(mc.name)
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if mc.dtype not in dtypes:
+        raise ValueError(f"config.model.dtype={mc.dtype!r}; valid: {sorted(dtypes)}")
+    return DiT(input_size=mc.input_size, in_channels=mc.in_channels,
+               num_classes=mc.num_classes, learn_sigma=mc.learn_sigma,
+               class_dropout_prob=mc.class_dropout_prob, mlp_ratio=mc.mlp_ratio,
+               scan_layers=mc.scan_layers, remat=mc.remat, dtype=dtypes[mc.dtype], **sizes)
+
+
+def build_diffusion(config, timestep_respacing=""):
+    dc = config.diffusion
+    return create_diffusion(timestep_respacing, noise_schedule=dc.noise_schedule,
+                            learn_sigma=dc.learn_sigma, diffusion_steps=dc.diffusion_steps)
+
+
+def build_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with a constant learning rate (the DiT/DyDiT recipe), optional global-norm clip."""
+    adamw = optax.adamw(tc.lr, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay)
+    if tc.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw)
+    return adamw
+
+
+def dummy_inputs(model: DiT, batch: int = 1):
+    h, w = model.grid_size
+    p = model.patch_size
+    return (jnp.zeros((batch, h * p, w * p, model.in_channels), jnp.float32),
+            jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32))
+
+
+def init_state(model: DiT, tx, rng) -> State:
+    """Fresh state: params, EMA (= params), optimizer state, step 0, the run's rng."""
+    init_rng, run_rng = jax.random.split(rng)
+    params = model.init(init_rng, *dummy_inputs(model))["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "ema": jax.tree_util.tree_map(jnp.copy, params), "opt_state": tx.init(params),
+            "rng": run_rng}
+
+
+def diffusion_loss_fn(model: DiT, diffusion) -> Callable:
+    """loss(params, batch, rng) -> (scalar, per-sample terms) for the plain DiT objective."""
+
+    def loss_fn(params, batch, rng):
+        k_t, k_noise, k_drop = jax.random.split(rng, 3)
+        x, y = batch["image"], batch["label"]
+        t = jax.random.randint(k_t, (x.shape[0],), 0, diffusion.num_timesteps)
+
+        def model_fn(x_t, t_model, y):
+            return model.apply({"params": params}, x_t, t_model, y, train=True,
+                               rngs={"label_dropout": k_drop})
+
+        terms = diffusion.training_losses(model_fn, x, t, model_kwargs={"y": y}, rng=k_noise)
+        terms = {k: v for k, v in terms.items() if k in ("loss", "mse", "vb")}
+        return jnp.mean(terms["loss"]), terms
+
+    return loss_fn
+
+
+def make_train_step(loss_fn: Callable, tx, ema_decay: float) -> Callable:
+    """(state, batch) -> (state, metrics). Metrics are scalars (means over the global batch)."""
+
+    def train_step(state: State, batch) -> tuple:
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], batch, rng)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                     state["ema"], params)
+        step = state["step"] + 1
+        metrics = {k: jnp.mean(v) for k, v in terms.items()}
+        metrics["loss"] = loss
+        metrics["grad_norm"] = optax.global_norm(grads)
+        # Step number of a non-finite loss (int32 max if finite): read at log time, so the
+        # run can stop naming the exact step without a host sync per step.
+        metrics["nonfinite_step"] = jnp.where(jnp.isfinite(loss), jnp.iinfo(jnp.int32).max, step)
+        new_state = {"step": step, "params": params, "ema": ema, "opt_state": opt_state,
+                     "rng": state["rng"]}
+        return new_state, metrics
+
+    return train_step
+
+
+def accumulate(acc, metrics):
+    """Sums metrics over a log interval on device (min for nonfinite_step)."""
+    if acc is None:
+        return metrics
+    return {k: jnp.minimum(acc[k], v) if k == "nonfinite_step" else acc[k] + v
+            for k, v in metrics.items()}
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def setup_state(config, model, tx, mesh, checkpointer):
+    """Sharded train state restored from the workdir's latest checkpoint or freshly made.
+
+    Returns (state, data_state or None, state_shardings).
+    """
+    rng = jax.random.PRNGKey(config.seed)
+    init_fn = functools.partial(init_state, model, tx)
+    abstract = jax.eval_shape(init_fn, rng)
+    shardings = sharding_lib.tree_shardings(abstract, mesh, config.mesh.rules)
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    restored = checkpointer.restore_latest(target)
+    if restored is not None:
+        state, data_state, step = restored
+        logging.info("resumed from step %d", step)
+        return state, data_state, shardings
+    state = jax.jit(init_fn, out_shardings=shardings)(rng)
+    if config.train.init_from:
+        params = load_initial_params(config.train.init_from, model, abstract["params"],
+                                     shardings["params"])
+        state = dict(state, params=params, ema=jax.tree_util.tree_map(jnp.copy, params),
+                     opt_state=jax.jit(tx.init, out_shardings=shardings["opt_state"])(params))
+    return state, None, shardings
+
+
+def load_initial_params(source: str, model, abstract_params, shardings):
+    """Params to fine-tune from: an orbax params dir (`convert` output) or an official file."""
+    if os.path.isdir(source):
+        target = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_params, shardings)
+        return load_params(source, target)
+    from dydit_jax.convert import from_pytorch
+    params = from_pytorch(source, model)["params"]
+    return jax.device_put(params, shardings)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+    tc = config.train
+    mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
+    model = build_model(config.model)
+    diffusion = build_diffusion(config)
+    tx = build_optimizer(tc)
+    checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
+                                     max_to_keep=tc.keep_checkpoints, keep_period=tc.keep_period,
+                                     async_save=tc.async_checkpointing)
+    state, data_state, state_shardings = setup_state(config, model, tx, mesh, checkpointer)
+
+    local_bs = sharding_lib.local_batch_size(tc.batch_size, mesh)
+    source = data_lib.create_source(config.data, process_index=jax.process_index(),
+                                    process_count=jax.process_count(),
+                                    local_batch_size=local_bs)
+    if data_state is not None:
+        source.set_state(data_state)
+
+    train_step = jax.jit(
+        make_train_step(diffusion_loss_fn(model, diffusion), tx, tc.ema_decay),
+        in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+        donate_argnums=(0,))
+
+    writer = MetricWriter(workdir)
+    start_step = int(state["step"])
+    end_step = tc.num_steps
+    if tc.max_steps_per_run:
+        end_step = min(end_step, start_step + tc.max_steps_per_run)
+    acc, t_last, step_last = None, time.perf_counter(), start_step
+    bar = tqdm(range(start_step, end_step), initial=start_step, total=tc.num_steps,
+               desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+    for step in bar:
+        batch = sharding_lib.global_batch(source.next(), mesh)
+        state, metrics = train_step(state, batch)
+        acc = accumulate(acc, metrics)
+        done = step + 1
+        if done % tc.log_every == 0 or done == end_step:
+            acc = jax.device_get(acc)
+            n = done - step_last
+            if acc["nonfinite_step"] != np.iinfo(np.int32).max:
+                checkpointer.close()
+                raise NonFiniteLossError(f"loss became NaN/inf at step {acc['nonfinite_step']}; "
+                                         f"last good checkpoint steps: {checkpointer.all_steps()}")
+            now = time.perf_counter()
+            scalars = {k: v / n for k, v in acc.items() if k != "nonfinite_step"}
+            scalars.update(lr=tc.lr, steps_per_sec=n / (now - t_last),
+                           images_per_sec=n * tc.batch_size / (now - t_last),
+                           examples_seen=done * tc.batch_size)
+            writer.write(done, scalars)
+            bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+            acc, t_last, step_last = None, now, done
+        if done % tc.checkpoint_every == 0 or done == end_step:
+            checkpointer.save(done, state, source.get_state(), config.to_dict())
+    checkpointer.close()
+    writer.close()
+    source.close()
+    return state
