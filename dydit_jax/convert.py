@@ -20,6 +20,7 @@ Command line: write an orbax checkpoint so TPU runs never need torch:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -42,6 +43,9 @@ _MODULE_RENAMES = (
     (r"\.token_selection\.mlp_head\.0$", ".token_router.fc1"),
     (r"\.token_selection\.mlp_head\.2$", ".token_router.fc2"),
 )
+
+# DyDiT router parameters: a plain DiT checkpoint loaded into a dynamic model leaves these fresh.
+ROUTER_PATTERN = r"/(head_router|group_router|token_router)/"
 
 # Keys of official checkpoints that hold no parameter of ours: they are checked, not loaded.
 _FIXED_BUFFERS = ("pos_embed",)
@@ -164,18 +168,23 @@ def from_pytorch(source: Any, model: DiT, which: str = "ema",
     """Flax variables `{"params": ...}` for `model` from an official checkpoint.
 
     `allow_missing`: a regex of our parameter paths ("blocks_0/head_router/kernel") that may
-    be absent from the checkpoint; those keep a fresh init from `model.init` (for example the
-    routers when a plain DiT checkpoint is loaded into a dynamic model) and are listed in the
-    returned `"missing"` entry of `load_report`. Everything else must match exactly.
+    be absent from the checkpoint; those keep a fresh init from `model.init`. For a dynamic
+    model it defaults to the routers, so a plain DiT checkpoint loads into a DyDiT with fresh
+    routers; the fresh parameters are logged as a warning (and returned by `load_report`).
+    Everything else must match exactly.
     """
-    state = load_state_dict(source, which=which)
-    params, _ = _match(state, model, allow_missing)
-    return {"params": params}
+    variables, fresh = load_report(source, model, which=which, allow_missing=allow_missing)
+    if fresh:
+        logging.warning("%d parameters were not in the checkpoint and are freshly initialised: "
+                        "%s", len(fresh), ", ".join(fresh))
+    return variables
 
 
 def load_report(source: Any, model: DiT, which: str = "ema",
                 allow_missing: Optional[str] = None):
     """Like `from_pytorch` but also returns the list of parameter paths freshly initialised."""
+    if allow_missing is None and getattr(model, "dynamic", False):
+        allow_missing = ROUTER_PATTERN
     state = load_state_dict(source, which=which)
     params, fresh = _match(state, model, allow_missing)
     return {"params": params}, fresh
@@ -235,6 +244,12 @@ def _match(state: Dict[str, np.ndarray], model: DiT, allow_missing: Optional[str
         hint = ""
         if any(".attn_rate.router" in k or ".token_selection." in k for k in unexpected):
             hint = "the checkpoint has DyDiT routers: build the model with dynamic=True."
+        if any(k.endswith(("attn_rate.router.weight", "mlp_rate.router.weight"))
+               and found[0] == model.num_heads for k, _, found in mismatched):
+            hint = ("the routers have num_heads outputs, not num_heads - 1: this is the older "
+                    "DyDiT release (NUS-HPC-AI-Lab, 'DiffRate' routers without an always-on "
+                    "first head), which is not supported; use a checkpoint of the "
+                    "alibaba-damo-academy/DyDiT release.")
         raise CheckpointMismatchError(sorted(missing), sorted(unexpected), mismatched, hint)
 
     if fresh:

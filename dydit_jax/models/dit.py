@@ -240,30 +240,125 @@ class Mlp(nn.Module):
 # DiT block and final layer
 # ----------------------------------------------------------------------------------------------
 
-class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block. x: [B, N, D], c: [B, D] -> [B, N, D].
+def gumbel_sigmoid_gate(logits, tau: float, noise=None):
+    """DyDiT's hard gate with a straight-through gradient. logits: any shape.
 
-    Written as `(x, c) -> (x, None)` so that the same module can be `nn.scan`-ned over depth.
+    Train mode passes `noise = (g1, g2)`, two standard Gumbel draws of the logits' shape:
+    soft = sigmoid((logits + g1 - g2) / tau). Eval mode passes None: soft = sigmoid(logits / tau).
+    The value is hard = [soft > 0.5] (exactly 0 or 1); the gradient is the soft one's.
+    Operations are ordered as in the release so that float32 results match bit for bit.
+    """
+    if noise is None:
+        soft = jax.nn.sigmoid(logits / tau)
+    else:
+        g1, g2 = noise
+        soft = jax.nn.sigmoid((logits + g1 - g2) / tau)
+    hard = (soft > 0.5).astype(soft.dtype)
+    return hard - jax.lax.stop_gradient(soft) + soft
+
+
+class TokenRouter(nn.Module):
+    """SDT router: Dense(D -> D//16), ReLU, Dense(-> 1). x: [B, N, D] -> logits [B, N]."""
+    hidden_size: int
+    last_bias_init: float = 35.0
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(self.hidden_size // 16, kernel_init=xavier_uniform, bias_init=zeros,
+                     name="fc1")(x.astype(jnp.float32))
+        return nn.Dense(1, kernel_init=xavier_uniform,
+                        bias_init=nn.initializers.constant(self.last_bias_init),
+                        name="fc2")(nn.relu(h))[..., 0]
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block, static or dynamic (DyDiT). x: [B, N, D] -> [B, N, D].
+
+    Static (`dynamic=False`, or `complete=True`): the plain DiT block.
+    Dynamic: a head router and an MLP-group router (one Dense each on the timestep embedding
+    `t_emb` [B, D], H-1 outputs, bias init 15 so that everything starts on; index 0 is always
+    on) and, with `dynamic_tokens`, a token router on the residual stream after attention:
+        x += gate_msa * proj(head_mask * attention(mod(LN(x))))
+        token_mask from x;  group_mask from t_emb
+        x += token_mask * gate_mlp * fc2(GELU(group_mask * fc1(mod(LN(x)))))
+    `noise`: {"head": (g1, g2), "group": (g1, g2), "token": (g1, g2)} Gumbel draws for this
+    block in train mode (drawn from the "gumbel" rng stream when absent); eval mode uses none.
+    Returns (x, aux): aux holds this block's masks and router logits ({} when static).
     """
     hidden_size: int
     num_heads: int
     mlp_ratio: float = 4.0
+    dynamic: bool = False
+    dynamic_tokens: bool = True
+    router_bias_init: float = 15.0
+    token_router_bias_init: float = 35.0
+    tau: float = 5.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x, c):
-        d = self.hidden_size
-        mod = nn.Dense(6 * d, kernel_init=zeros, bias_init=zeros, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="adaLN_modulation")(nn.silu(c))
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        d, h = self.hidden_size, self.num_heads
+        self.adaLN_modulation = nn.Dense(6 * d, kernel_init=zeros, bias_init=zeros,
+                                         name="adaLN_modulation", **kw)
+        self.attn = Attention(h, name="attn", **kw)
+        self.mlp = Mlp(int(d * self.mlp_ratio), name="mlp", **kw)
+        if self.dynamic:
+            if int(d * self.mlp_ratio) % h:
+                raise ValueError(f"MLP width {int(d * self.mlp_ratio)} must split into "
+                                 f"num_heads={h} groups")
+            # Routers run in float32 whatever the compute dtype: masks flip on tiny logits.
+            router = functools.partial(nn.Dense, h - 1, kernel_init=xavier_uniform,
+                                       bias_init=nn.initializers.constant(self.router_bias_init))
+            self.head_router = router(name="head_router")
+            self.group_router = router(name="group_router")
+            if self.dynamic_tokens:
+                self.token_router = TokenRouter(d, self.token_router_bias_init,
+                                                name="token_router")
+
+    def width_logits(self, t_emb):
+        """Head and group router logits [B, H-1] each, from the timestep embedding."""
+        t_emb = t_emb.astype(jnp.float32)
+        return self.head_router(t_emb), self.group_router(t_emb)
+
+    def __call__(self, x, c, t_emb=None, noise=None, train: bool = False, complete: bool = True):
+        mod = self.adaLN_modulation(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        attn = Attention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="attn")
-        mlp = Mlp(int(d * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype,
-                  name="mlp")
-        x = x + gate_msa[:, None] * attn(modulate(layer_norm(x), shift_msa, scale_msa))
-        x = x + gate_mlp[:, None] * mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
-        return x, None
+        if not self.dynamic or complete:
+            x = x + gate_msa[:, None] * self.attn(modulate(layer_norm(x), shift_msa, scale_msa))
+            x = x + gate_mlp[:, None] * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+            return x, {}
+
+        def draw(name, shape):
+            if not train:
+                return None
+            if noise and name in noise:
+                return noise[name]
+            g = jax.random.gumbel(self.make_rng("gumbel"), (2,) + shape, jnp.float32)
+            return g[0], g[1]
+
+        def with_always_on(gate):
+            return jnp.concatenate([jnp.ones_like(gate[:, :1]), gate], axis=-1)
+
+        head_logits, group_logits = self.width_logits(t_emb)
+        head_mask = with_always_on(gumbel_sigmoid_gate(
+            head_logits, self.tau, draw("head", head_logits.shape)))
+        x = x + gate_msa[:, None] * self.attn(modulate(layer_norm(x), shift_msa, scale_msa),
+                                              head_mask=head_mask)
+        aux = {"head_masks": head_mask, "head_logits": head_logits}
+        if self.dynamic_tokens:
+            token_logits = self.token_router(x)
+            token_mask = gumbel_sigmoid_gate(token_logits, self.tau,
+                                             draw("token", token_logits.shape))
+            aux.update(token_masks=token_mask, token_logits=token_logits)
+        group_mask = with_always_on(gumbel_sigmoid_gate(
+            group_logits, self.tau, draw("group", group_logits.shape)))
+        aux.update(group_masks=group_mask, group_logits=group_logits)
+        update = self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp), group_mask=group_mask)
+        gate = gate_mlp[:, None]
+        if self.dynamic_tokens:
+            gate = token_mask[..., None].astype(gate.dtype) * gate
+        return x + gate * update, aux
 
 
 class FinalLayer(nn.Module):
@@ -300,6 +395,14 @@ class DiT(nn.Module):
     - `remat`: rematerialise each block in the backward pass (activation memory ~ one block).
     - `dtype` / `param_dtype`: compute and storage dtypes (bfloat16 compute, float32 params for
       mixed precision).
+    - `dynamic`: DyDiT. Every block gets TDW routers (heads and MLP groups from the timestep
+      embedding) and, with `dynamic_tokens`, an SDT token router. `apply(..., complete=False,
+      train=...)` then returns `(out, aux)` with the masks ("head_masks", "group_masks" [B, L, H],
+      "token_masks" [B, L, N]) and router logits ("head_logits", "group_logits" [B, L, H-1],
+      "token_logits" [B, L, N]); `complete=True` runs the plain DiT path with the same parameters
+      and returns `(out, None)`. Train mode draws Gumbel noise from the "gumbel" rng stream, or
+      takes `gumbel_noise` ({"head"|"group"|"token": (g1, g2)}, each [B, L, ...]) to replay a
+      recorded draw.
     """
     input_size: Union[int, Tuple[int, int]] = 32
     patch_size: int = 2
@@ -313,6 +416,8 @@ class DiT(nn.Module):
     learn_sigma: bool = True
     scan_layers: bool = False
     remat: bool = False
+    dynamic: bool = False
+    dynamic_tokens: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -347,33 +452,37 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(self.hidden_size, **kw)
         self.y_embedder = LabelEmbedder(self.num_classes, self.hidden_size,
                                         self.class_dropout_prob, **kw)
-        block = DiTBlock
-        if self.remat:
-            block = nn.remat(block, prevent_cse=not self.scan_layers)
         block_kw = dict(hidden_size=self.hidden_size, num_heads=self.num_heads,
-                        mlp_ratio=self.mlp_ratio, **kw)
+                        mlp_ratio=self.mlp_ratio, dynamic=self.dynamic,
+                        dynamic_tokens=self.dynamic_tokens, **kw)
         if self.scan_layers:
-            self.blocks = nn.scan(block, variable_axes={"params": 0},
-                                  split_rngs={"params": True}, in_axes=nn.broadcast,
-                                  length=self.depth)(**block_kw)
+            # One block whose parameters `run_blocks` stacks along a leading depth axis.
+            self.blocks = DiTBlock(**block_kw, name="blocks")
         else:
-            self.blocks = [block(**block_kw, name=f"blocks_{i}") for i in range(self.depth)]
+            self.blocks = [DiTBlock(**block_kw, name=f"blocks_{i}") for i in range(self.depth)]
         self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, **kw)
 
-    def embed(self, x, t, y, train: bool = False, force_drop_ids=None):
-        """Patch tokens [B, N, D] (pos_embed added) and the conditioning c = t_emb + y_emb."""
-        self._check_inputs(x, t, y)
-        tokens = self.x_embedder(x.astype(self.dtype)) + self.pos_embed().astype(self.dtype)
-        c = self.t_embedder(t) + self.y_embedder(y, train=train, force_drop_ids=force_drop_ids)
-        return tokens, c
+    def run_blocks(self, x, c, t_emb, train=False, complete=True, gumbel_noise=None):
+        """The depth-L stack. Returns (x, aux) with aux leaves stacked to [B, L, ...]."""
+        noise = {k: (jnp.moveaxis(g1, 1, 0), jnp.moveaxis(g2, 1, 0))
+                 for k, (g1, g2) in (gumbel_noise or {}).items()}  # [B, L, ...] -> [L, B, ...]
 
-    def run_blocks(self, x, c):
+        def body(block, x, noise_l):
+            return block(x, c, t_emb, noise_l, train=train, complete=complete)
+
+        if self.remat:
+            body = nn.remat(body, prevent_cse=not self.scan_layers)
         if self.scan_layers:
-            x, _ = self.blocks(x, c)
-            return x
-        for blk in self.blocks:
-            x, _ = blk(x, c)
-        return x
+            x, aux = nn.scan(body, variable_axes={"params": 0},
+                             split_rngs={"params": True, "gumbel": True},
+                             length=self.depth)(self.blocks, x, noise)
+        else:
+            per_layer = []
+            for i, block in enumerate(self.blocks):
+                x, aux_l = body(block, x, jax.tree_util.tree_map(lambda n: n[i], noise))
+                per_layer.append(aux_l)
+            aux = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *per_layer)
+        return x, jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1), aux)
 
     def unpatchify(self, x):
         """tokens [B, N, p*p*C] (last axis ordered p_row, p_col, c) -> [B, H, W, C]."""
@@ -383,13 +492,37 @@ class DiT(nn.Module):
         x = x.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, gh * p, gw * p, c)
 
-    def __call__(self, x, t, y, train: bool = False, force_drop_ids=None):
-        tokens, c = self.embed(x, t, y, train=train, force_drop_ids=force_drop_ids)
-        tokens = self.run_blocks(tokens, c)
-        out = self.final_layer(tokens, c)
-        return self.unpatchify(out).astype(_float_dtype(self.dtype))
+    def __call__(self, x, t, y, train: bool = False, force_drop_ids=None,
+                 complete: bool = False, gumbel_noise=None):
+        self._check_inputs(x, t, y)
+        tokens = self.x_embedder(x.astype(self.dtype)) + self.pos_embed().astype(self.dtype)
+        t_emb = self.t_embedder(t)
+        c = t_emb + self.y_embedder(y, train=train, force_drop_ids=force_drop_ids)
+        complete = complete or not self.dynamic
+        tokens, aux = self.run_blocks(tokens, c, t_emb, train=train, complete=complete,
+                                      gumbel_noise=gumbel_noise)
+        out = self.unpatchify(self.final_layer(tokens, c)).astype(_float_dtype(self.dtype))
+        if not self.dynamic:
+            return out
+        return out, (None if complete else aux)
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Optional[int] = 3):
+    def width_logits(self, t):
+        """TDW router logits for timesteps t [T] without running the blocks (width plans).
+
+        Returns (head_logits, group_logits), each [T, L, H-1]; masks are `logits`' gates.
+        """
+        t_emb = self.t_embedder(t)
+        if self.scan_layers:
+            head, group = nn.scan(lambda blk, carry, _: (carry, blk.width_logits(t_emb)),
+                                  variable_axes={"params": 0}, split_rngs={"params": True},
+                                  length=self.depth)(self.blocks, None, None)[1]
+        else:
+            head, group = (jnp.stack(a) for a in zip(*(b.width_logits(t_emb)
+                                                      for b in self.blocks)))
+        return jnp.moveaxis(head, 0, 1), jnp.moveaxis(group, 0, 1)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Optional[int] = 3,
+                         complete: bool = False):
         """Classifier-free guidance in one batched pass, as the release does it.
 
         x, t, y: [2n, ...]; rows [0:n] conditional, rows [n:2n] the null label. Only `x[:n]` is
@@ -397,16 +530,18 @@ class DiT(nn.Module):
         is the default for checkpoint parity); `guide_channels=None` guides all eps channels,
         which is what the CFG formula intends for 4-channel latents. The remaining channels
         (and the variance channels) pass through from each row's own output. `cfg_scale` may
-        be a traced value: changing it never recompiles.
+        be a traced value: changing it never recompiles. A dynamic model returns (out, aux).
         """
         half = x[: x.shape[0] // 2]
         combined = jnp.concatenate([half, half], axis=0)
-        out = self(combined, t, y)
+        out = self(combined, t, y, complete=complete)
+        out, aux = out if self.dynamic else (out, None)
         k = self.in_channels if guide_channels is None else guide_channels
         eps, rest = out[..., :k], out[..., k:]
         cond, uncond = jnp.split(eps, 2, axis=0)
         guided = uncond + jnp.asarray(cfg_scale, eps.dtype) * (cond - uncond)
-        return jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
+        out = jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
+        return (out, aux) if self.dynamic else out
 
     def _check_inputs(self, x, t, y):
         h, w = _pair(self.input_size)
