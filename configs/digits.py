@@ -15,9 +15,9 @@ from dydit_jax import config_lib
 
 
 def get_config(arg=None):
-    args = config_lib.parse_arg(arg, steps=2000, size=16, batch=64)
+    args = config_lib.parse_arg(arg, steps=2000, size=16, batch=32)
     c = config_lib.base_config()
-    c.model.update(name="custom", hidden_size=128, depth=4, num_heads=4, patch_size=2,
+    c.model.update(name="custom", hidden_size=96, depth=4, num_heads=4, patch_size=2,
                    input_size=args.size, in_channels=1, num_classes=10)
     c.data.update(name="digits", image_size=args.size, channels=1, num_classes=10)
     c.train.update(batch_size=args.batch, num_steps=args.steps, lr=1e-3, ema_decay=0.999,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-MODES = ("train", "sample", "evaluate", "convert", "benchmark")
+MODES = ("train", "sample", "plot", "evaluate", "convert", "benchmark")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,6 +31,17 @@ def base_config() -> ml_collections.ConfigDict:
         scan_layers=False,
         remat=False,
         dtype="float32",          # compute dtype: float32 or bfloat16 (params stay float32)
+    ))
+
+    # DyDiT (DESIGN.md 1): routers in the model and the FLOPs-constrained objective.
+    c.dynamic = ml_collections.ConfigDict(dict(
+        enabled=False,
+        tokens=True,             # SDT token routers as well as TDW width routers
+        target=0.5,              # lambda: the FLOPs ratio to reach
+        warmup_steps=1000,       # linear ramp from 1.0 to lambda (1k for 0.5, 5k for 0.7)
+        hold_steps=100,          # target 1.0 for these first steps
+        stage=1,                 # 1: + complete-model loss; 2: without
+        reorder=True,            # sort heads/groups by importance when starting from a DiT
     ))
 
     c.diffusion = ml_collections.ConfigDict(dict(
@@ -102,7 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
         checkpoint="",           # empty: the workdir's latest; or orbax params dir / .pt file
         use_ema=True,
         clip_denoised=False,
-        engine="static",         # static | masked | gathered (dynamic models)
+        engine="masked",         # dynamic models: masked (the release's path) | static (complete)
     ))
     c.compilation_cache_dir = ""
     return c

@@ -55,7 +55,9 @@ def sample_labels(config) -> np.ndarray:
 def sample_from_workdir(config, workdir: str, params=None) -> np.ndarray:
     """Samples `config.sample.per_class` images of each class; returns them (uint8 or latents)."""
     sc = config.sample
-    model = build_model(config.model)
+    if sc.engine not in ("masked", "static"):
+        raise ValueError(f"config.sample.engine={sc.engine!r}; valid: masked, static")
+    model = build_model(config)
     if params is None:
         params = load_sampling_params(config, workdir, model)
     respacing = f"ddim{sc.num_steps}" if sc.sampler == "ddim" else str(sc.num_steps)
@@ -66,7 +68,7 @@ def sample_from_workdir(config, workdir: str, params=None) -> np.ndarray:
     sample = sampling.make_sample_fn(
         model, diffusion, sampler=sc.sampler, eta=sc.eta, clip_denoised=sc.clip_denoised,
         guide_channels=None if sc.guide_channels < 0 else sc.guide_channels,
-        use_cfg=sc.cfg_scale > 1.0,
+        use_cfg=sc.cfg_scale > 1.0, complete=sc.engine == "static",
         **sampling.sample_shardings(mesh, batch_axes=sharding_lib.BATCH_AXES))
     params = jax.device_put(params, sharding_lib.replicated(mesh))
 

@@ -1,6 +1,6 @@
 """Entry point: `python -m dydit_jax.main --config=configs/<name>.py[:args] --workdir=<dir>`.
 
-Dispatches on `config.mode`: train | sample | evaluate | convert | benchmark. Overrides:
+Dispatches on `config.mode`: train | sample | plot (dynamic models' routing). Overrides:
 `--config.train.batch_size=64`; unknown keys are errors that name the key.
 """
 from __future__ import annotations
@@ -35,8 +35,11 @@ def run(config, workdir: str):
     if config.mode == "sample":
         from dydit_jax import generate
         return generate.sample_from_workdir(config, workdir)
+    if config.mode == "plot":
+        from dydit_jax import plots
+        return plots.plot_from_workdir(config, workdir)
     raise NotImplementedError(f"config.mode={config.mode!r} is not implemented yet; "
-                              f"available: train, sample")
+                              f"available: train, sample, plot")
 
 
 def main(argv):

@@ -66,6 +66,7 @@ def make_sample_fn(
     use_cfg: bool = True,
     latent_shape: Optional[Sequence[int]] = None,
     progress: bool = False,
+    complete: bool = False,
     in_shardings: Any = None,
     out_shardings: Any = None,
 ) -> Callable:
@@ -84,6 +85,8 @@ def make_sample_fn(
     :param latent_shape: (H, W, C) of one sample; default from `model.input_size` and
         `model.in_channels`.
     :param progress: host-side progress bar at every step (a `jax.debug.callback`).
+    :param complete: for a dynamic (DyDiT) model, run the complete (static) path instead of the
+        masked one.
     :param in_shardings, out_shardings: passed to `jax.jit` unchanged, for the arguments
         `(variables, rng, labels, cfg_scale)` and the output; see :func:`sample_shardings`.
         The first entry applies to the variables dict `{"params": ...}` (bare params are
@@ -104,6 +107,13 @@ def make_sample_fn(
     latent_shape = tuple(int(s) for s in latent_shape)
     null_label = int(model.num_classes)
     counter = {"traces": 0}
+    dynamic = bool(getattr(model, "dynamic", False))
+    # A dynamic model runs its masked path, or with complete=True its static path; the masks
+    # it also returns are dropped here (the width plan engine uses them).
+    dyn_kw = {"complete": complete} if dynamic else {}
+
+    def _output(out):
+        return out[0] if dynamic else out
 
     def run_loop(model_fn, shape, rng, noise):
         kw = dict(model_kwargs=None, clip_denoised=clip_denoised, progress=progress,
@@ -118,7 +128,7 @@ def make_sample_fn(
         shape = (b,) + latent_shape
         if not use_cfg:
             def model_fn(x, t):
-                return model.apply(variables, x, t, labels)
+                return _output(model.apply(variables, x, t, labels, **dyn_kw))
             return run_loop(model_fn, shape, rng, None)
 
         z = jax.random.normal(split_loop_key(rng)[0], shape, jnp.float32)
@@ -126,8 +136,9 @@ def make_sample_fn(
         y = jnp.concatenate([labels, jnp.full((b,), null_label, labels.dtype)], axis=0)
 
         def model_fn(x, t):
-            return model.apply(variables, x, t, y, cfg_scale, guide_channels=guide_channels,
-                               method="forward_with_cfg")
+            return _output(model.apply(variables, x, t, y, cfg_scale,
+                                       guide_channels=guide_channels,
+                                       method="forward_with_cfg", **dyn_kw))
         samples = run_loop(model_fn, z.shape, rng, z)
         return samples[:b]  # drop the null-class half
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import traverse_util
 from tqdm import tqdm
 
 from dydit_jax import data as data_lib
@@ -33,8 +34,9 @@ from dydit_jax.models.dit import DiT, dit_config
 State = Dict[str, Any]
 
 
-def build_model(mc: ml_collections.ConfigDict) -> DiT:
-    """The DiT of `config.model` (named size or "custom")."""
+def build_model(config: ml_collections.ConfigDict) -> DiT:
+    """The DiT of `config.model` (named size or "custom"), dynamic if `config.dynamic.enabled`."""
+    mc = config.model
     if mc.name == "custom":
         sizes = dict(hidden_size=mc.hidden_size, depth=mc.depth, num_heads=mc.num_heads,
                      patch_size=mc.patch_size)
@@ -46,7 +48,8 @@ def build_model(mc: ml_collections.ConfigDict) -> DiT:
     return DiT(input_size=mc.input_size, in_channels=mc.in_channels,
                num_classes=mc.num_classes, learn_sigma=mc.learn_sigma,
                class_dropout_prob=mc.class_dropout_prob, mlp_ratio=mc.mlp_ratio,
-               scan_layers=mc.scan_layers, remat=mc.remat, dtype=dtypes[mc.dtype], **sizes)
+               scan_layers=mc.scan_layers, remat=mc.remat, dtype=dtypes[mc.dtype],
+               dynamic=config.dynamic.enabled, dynamic_tokens=config.dynamic.tokens, **sizes)
 
 
 def build_diffusion(config, timestep_respacing=""):
@@ -80,9 +83,9 @@ def init_state(model: DiT, tx, rng) -> State:
 
 
 def diffusion_loss_fn(model: DiT, diffusion) -> Callable:
-    """loss(params, batch, rng) -> (scalar, per-sample terms) for the plain DiT objective."""
+    """loss(params, batch, rng, step) -> (scalar, metrics) for the plain DiT objective."""
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, step):
         k_t, k_noise, k_drop = jax.random.split(rng, 3)
         x, y = batch["image"], batch["label"]
         t = jax.random.randint(k_t, (x.shape[0],), 0, diffusion.num_timesteps)
@@ -92,27 +95,34 @@ def diffusion_loss_fn(model: DiT, diffusion) -> Callable:
                                rngs={"label_dropout": k_drop})
 
         terms = diffusion.training_losses(model_fn, x, t, model_kwargs={"y": y}, rng=k_noise)
-        terms = {k: v for k, v in terms.items() if k in ("loss", "mse", "vb")}
-        return jnp.mean(terms["loss"]), terms
+        metrics = {k: jnp.mean(v) for k, v in terms.items() if k in ("loss", "mse", "vb")}
+        return metrics["loss"], metrics
 
     return loss_fn
 
 
+def build_loss_fn(config, model: DiT, diffusion) -> Callable:
+    """The plain DiT objective, or the DyDiT one when `config.dynamic.enabled`."""
+    if config.dynamic.enabled:
+        from dydit_jax.dydit_loss import dydit_loss_fn
+        return dydit_loss_fn(model, diffusion, config.dynamic)
+    return diffusion_loss_fn(model, diffusion)
+
+
 def make_train_step(loss_fn: Callable, tx, ema_decay: float) -> Callable:
-    """(state, batch) -> (state, metrics). Metrics are scalars (means over the global batch)."""
+    """(state, batch) -> (state, metrics). Metrics are means over the global batch."""
 
     def train_step(state: State, batch) -> tuple:
         rng = jax.random.fold_in(state["rng"], state["step"])
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], batch, rng)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], batch, rng, state["step"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
                                      state["ema"], params)
         step = state["step"] + 1
-        metrics = {k: jnp.mean(v) for k, v in terms.items()}
-        metrics["loss"] = loss
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics = dict(metrics, loss=loss)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         # Step number of a non-finite loss (int32 max if finite): read at log time, so the
         # run can stop naming the exact step without a host sync per step.
         metrics["nonfinite_step"] = jnp.where(jnp.isfinite(loss), jnp.iinfo(jnp.int32).max, step)
@@ -153,30 +163,83 @@ def setup_state(config, model, tx, mesh, checkpointer):
         return state, data_state, shardings
     state = jax.jit(init_fn, out_shardings=shardings)(rng)
     if config.train.init_from:
-        params = load_initial_params(config.train.init_from, model, abstract["params"],
-                                     shardings["params"])
+        params = jax.device_put(initial_params(config, model, jax.device_get(state["params"])),
+                                shardings["params"])
         state = dict(state, params=params, ema=jax.tree_util.tree_map(jnp.copy, params),
                      opt_state=jax.jit(tx.init, out_shardings=shardings["opt_state"])(params))
     return state, None, shardings
 
 
-def load_initial_params(source: str, model, abstract_params, shardings):
-    """Params to fine-tune from: an orbax params dir (`convert` output) or an official file."""
-    if os.path.isdir(source):
-        target = jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract_params, shardings)
-        return load_params(source, target)
-    from dydit_jax.convert import from_pytorch
-    params = from_pytorch(source, model)["params"]
-    return jax.device_put(params, shardings)
+def initial_params(config, model: DiT, fresh_params):
+    """Params to fine-tune from (`config.train.init_from`), on the host.
+
+    Sources: a training workdir (its latest checkpoint's EMA), an orbax params directory (the
+    converter's output) or an official `.pt`/`.safetensors` file. Leaves the source lacks
+    (DyDiT routers when starting from a DiT) keep `fresh_params` and are logged. With
+    `config.dynamic.reorder`, heads and MLP groups are then sorted by importance so that the
+    always-on index 0 is the most important one (DESIGN.md 1).
+    """
+    source = config.train.init_from
+    if os.path.isdir(os.path.join(source, "checkpoints")):
+        loaded = _latest_ema(source)
+    elif os.path.isdir(source):
+        loaded = load_params(source)
+    else:
+        from dydit_jax.convert import from_pytorch
+        loaded = from_pytorch(source, model)["params"]
+    params = merge_params(fresh_params, loaded)
+    if config.dynamic.enabled and config.dynamic.reorder:
+        from dydit_jax.reorder import reorder_by_importance
+        params, _ = reorder_by_importance(params, model.num_heads,
+                                          scan_layers=model.scan_layers,
+                                          allow_fresh_routers=True)
+    return params
+
+
+def _latest_ema(workdir: str):
+    """The EMA params of a training workdir's newest checkpoint (structure read from disk)."""
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                    item_names=("state",))
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"init_from={workdir!r} has no checkpoint")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    logging.warning("initialising from the EMA params of %s at step %d", workdir, step)
+    return restored["state"]["ema"]
+
+
+def merge_params(fresh, loaded):
+    """`loaded` where it has a leaf of the same path and shape, else `fresh` (logged)."""
+    flat_fresh = traverse_util.flatten_dict(fresh)
+    flat_loaded = traverse_util.flatten_dict(loaded)
+    unused = sorted("/".join(p) for p in flat_loaded if p not in flat_fresh)
+    if unused:
+        raise ValueError(f"init_from has parameters the model lacks ({', '.join(unused[:6])}"
+                         f"...): is it the same architecture (size, patch, scan_layers)?")
+    kept, out = [], {}
+    for path, value in flat_fresh.items():
+        if path not in flat_loaded:
+            kept.append("/".join(path))
+            out[path] = value
+            continue
+        if tuple(flat_loaded[path].shape) != tuple(value.shape):
+            raise ValueError(f"init_from parameter {'/'.join(path)} has shape "
+                             f"{tuple(flat_loaded[path].shape)}, the model expects "
+                             f"{tuple(value.shape)}")
+        out[path] = np.asarray(flat_loaded[path], value.dtype)
+    if kept:
+        logging.warning("%d parameters not in init_from keep their fresh init: %s",
+                        len(kept), ", ".join(kept))
+    return traverse_util.unflatten_dict(out)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
     tc = config.train
     mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
-    model = build_model(config.model)
+    model = build_model(config)
     diffusion = build_diffusion(config)
     tx = build_optimizer(tc)
     checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
@@ -192,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
         source.set_state(data_state)
 
     train_step = jax.jit(
-        make_train_step(diffusion_loss_fn(model, diffusion), tx, tc.ema_decay),
+        make_train_step(build_loss_fn(config, model, diffusion), tx, tc.ema_decay),
         in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
         donate_argnums=(0,))

@@ -49,7 +49,7 @@ from dydit_jax.checkpointing import TrainCheckpointer
 from dydit_jax.data import create_source
 assert jax.device_count() == 8
 config.mesh.rules = (("kernel$|embedding$", "fsdp"), (".*", "replicate"))
-model = train.build_model(config.model)
+model = train.build_model(config)
 diffusion = train.build_diffusion(config)
 tx = train.build_optimizer(config.train)
 
@@ -130,7 +130,7 @@ import os, jax, numpy as np
 from dydit_jax import sharding as sl
 from dydit_jax.checkpointing import TrainCheckpointer
 assert jax.device_count() == 1
-model = train.build_model(config.model); tx = train.build_optimizer(config.train)
+model = train.build_model(config); tx = train.build_optimizer(config.train)
 ck = TrainCheckpointer(os.path.join({str(tmp_path)!r}, "checkpoints"))
 state, data_state, shardings = train.setup_state(config, model, tx, sl.create_mesh(), ck)
 assert int(state["step"]) == 4, state["step"]
@@ -160,7 +160,7 @@ records = []
 class H(logging.Handler):
     def emit(self, r): records.append(r.getMessage())
 logging.getLogger().addHandler(H())
-model = train.build_model(config.model); tx = train.build_optimizer(config.train)
+model = train.build_model(config); tx = train.build_optimizer(config.train)
 state, data_state, _ = train.setup_state(config, model, tx, sl.create_mesh(),
                                          TrainCheckpointer(ckdir))
 assert int(state["step"]) == 2, int(state["step"])

@@ -1,0 +1,108 @@
+"""Plots of a dynamic model's routing: width vs timestep, and token masks over a sample.
+
+    python -m dydit_jax.main --config=configs/digits_dydit.py --workdir=runs/digits_dydit \
+        --config.mode=plot
+
+writes `plots/width_heatmap.png` (active heads and MLP groups of every block for t = 0..T-1)
+and `plots/token_masks.png` (which tokens of a few samples run the MLP, per block, at a few
+timesteps along a sampling trajectory's noise levels).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dydit_jax.models.dit import gumbel_sigmoid_gate
+
+
+def width_masks_over_t(model, params, timesteps):
+    """Eval-mode head and group masks [T, L, H] (index 0 included) for the given timesteps."""
+    head_logits, group_logits = model.apply({"params": params}, jnp.asarray(timesteps),
+                                            method=model.width_logits)
+
+    def masks(logits):
+        on = np.asarray(gumbel_sigmoid_gate(logits, 5.0))
+        return np.concatenate([np.ones(on.shape[:-1] + (1,)), on], axis=-1)
+
+    return masks(head_logits), masks(group_logits)
+
+
+def plot_width_heatmap(model, params, path: str, num_timesteps: int = 1000):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.arange(num_timesteps)
+    heads, groups = width_masks_over_t(model, params, t)
+    fig, axes = plt.subplots(2, 1, figsize=(10, 1.2 + 0.35 * model.depth * 2), sharex=True)
+    for ax, masks, name in ((axes[0], heads, "attention heads"), (axes[1], groups, "MLP groups")):
+        active = masks.sum(-1).T  # [L, T]
+        im = ax.imshow(active, aspect="auto", cmap="viridis", vmin=1, vmax=model.num_heads,
+                       extent=(0, num_timesteps - 1, model.depth - 0.5, -0.5),
+                       interpolation="nearest")
+        ax.set_ylabel("block")
+        ax.set_title(f"active {name} (of {model.num_heads})")
+        fig.colorbar(im, ax=ax)
+    axes[1].set_xlabel("diffusion timestep t (0 = clean, noise grows to the right)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return heads, groups
+
+
+def plot_token_masks(model, params, diffusion, images, labels, path: str,
+                     timesteps=(50, 250, 500, 750, 950), seed: int = 0):
+    """Token masks of every block for noisy versions x_t of `images` (NHWC in [-1, 1])."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gh, gw = model.grid_size
+    n, depth = len(images), model.depth
+    fig, axes = plt.subplots(n * len(timesteps), depth + 1,
+                             figsize=(1.4 * (depth + 1), 1.4 * n * len(timesteps)))
+    axes = np.asarray(axes).reshape(n * len(timesteps), depth + 1)
+    rng = jax.random.PRNGKey(seed)
+    for j, t_orig in enumerate(timesteps):
+        t = jnp.full((n,), t_orig, jnp.int32)
+        x_t = diffusion.q_sample(jnp.asarray(images), t, rng=jax.random.fold_in(rng, j))
+        _, aux = model.apply({"params": params}, x_t, t, jnp.asarray(labels))
+        token = np.asarray(aux["token_masks"]).reshape(n, depth, gh, gw)
+        for i in range(n):
+            row = axes[j * n + i]
+            row[0].imshow(np.asarray(x_t[i]).mean(-1), cmap="gray")
+            row[0].set_title(f"x_t, t={t_orig}", fontsize=7)
+            for l in range(depth):
+                row[l + 1].imshow(token[i, l], cmap="magma", vmin=0, vmax=1)
+                row[l + 1].set_title(f"block {l}: {token[i, l].mean():.0%}", fontsize=7)
+            for ax in row:
+                ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_from_workdir(config, workdir: str):
+    """The mode `plot`: both figures for the workdir's latest (EMA) parameters."""
+    from dydit_jax import data as data_lib
+    from dydit_jax.generate import load_sampling_params
+    from dydit_jax.train import build_diffusion, build_model
+
+    model = build_model(config)
+    if not model.dynamic:
+        raise ValueError("plots show a dynamic model's routing: set config.dynamic.enabled")
+    params = load_sampling_params(config, workdir, model)
+    out = os.path.join(workdir, "plots")
+    os.makedirs(out, exist_ok=True)
+    diffusion = build_diffusion(config)
+    plot_width_heatmap(model, params, os.path.join(out, "width_heatmap.png"),
+                       diffusion.num_timesteps)
+    source = data_lib.create_source(config.data, local_batch_size=2)
+    batch = source.next()
+    source.close()
+    plot_token_masks(model, params, diffusion, batch["image"], batch["label"],
+                     os.path.join(out, "token_masks.png"))
+    print(f"wrote {out}/width_heatmap.png and {out}/token_masks.png")
