@@ -124,10 +124,12 @@ def imagenet_config(model_name: str, arg: str | None) -> ml_collections.ConfigDi
 
     Args (`configs/dit_xl.py:batch=64,data=imagenet`): batch (global), steps, image_size,
     data=latents (SD-VAE latents extracted once, 32x32x4 for 256 px) | imagenet (pixel space,
-    3 channels; ADM-style training without a VAE) | synthetic (benchmarks), dtype, fsdp.
+    3 channels; ADM-style training without a VAE) | synthetic (benchmarks), dtype, fsdp,
+    latents (dir of latent shards), lam (> 0: DyDiT fine-tuning to this FLOPs ratio from the
+    DiT given by init, e.g. `lam=0.5,init=converted/DiT-XL-2-256`), init.
     """
     args = parse_arg(arg, batch=256, steps=400_000, image_size=256, data="latents",
-                     dtype="bfloat16", fsdp=1, latents="")
+                     dtype="bfloat16", fsdp=1, latents="", lam=0.0, init="")
     c = base_config()
     latent = args.data in ("latents", "synthetic")
     size = args.image_size // 8 if latent else args.image_size
@@ -138,8 +140,18 @@ def imagenet_config(model_name: str, arg: str | None) -> ml_collections.ConfigDi
                   random_flip=not latent, latent_flip=True, num_workers=8, prefetch=4)
     if args.latents:
         c.data.path = args.latents
-    c.train.update(batch_size=args.batch, num_steps=args.steps)
+    c.train.update(batch_size=args.batch, num_steps=args.steps, init_from=args.init)
     c.mesh.fsdp = args.fsdp
+    if args.lam > 0:
+        # DyDiT recipe (paper/code): from a trained DiT, AdamW 1e-4, stage 1, target schedule
+        # 1.0 for 100 steps then a ramp over 1k (lambda 0.5) or 5k (lambda 0.7) steps.
+        if not args.init:
+            raise ValueError("DyDiT fine-tuning (lam>0) starts from a trained DiT: pass "
+                             "init=<converted params dir, .pt file or workdir>")
+        c.dynamic.update(enabled=True, target=args.lam, stage=1, hold_steps=100,
+                         warmup_steps=1000 if args.lam <= 0.5 else 5000)
+        if "steps" not in (arg or ""):
+            c.train.num_steps = 200_000
     c.sample.update(num_steps=250, cfg_scale=4.0, per_class=4, batch_size=32,
                     classes=(207, 360, 387, 974, 88, 979, 417, 279))
     return c

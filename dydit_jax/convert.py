@@ -314,12 +314,19 @@ def _stack_blocks(found, depth):
     return out
 
 
-def unscan_params(params, depth: int):
-    """Scanned params ("blocks" stacked) -> per-block names ("blocks_0", ...)."""
+def to_layout(params, scan_layers: bool):
+    """Params in the scanned ("blocks" stacked on a depth axis) or per-block ("blocks_i")
+    layout, whichever `scan_layers` asks for, from either."""
     params = dict(params)
-    blocks = params.pop("blocks")
-    for i in range(depth):
-        params[f"blocks_{i}"] = jax.tree_util.tree_map(lambda a: a[i], blocks)
+    if scan_layers and "blocks_0" in params:
+        depth = sum(1 for k in params if k.startswith("blocks_"))
+        blocks = [params.pop(f"blocks_{i}") for i in range(depth)]
+        params["blocks"] = jax.tree_util.tree_map(lambda *a: np.stack(a), *blocks)
+    elif not scan_layers and "blocks" in params:
+        blocks = params.pop("blocks")
+        depth = jax.tree_util.tree_leaves(blocks)[0].shape[0]
+        for i in range(depth):
+            params[f"blocks_{i}"] = jax.tree_util.tree_map(lambda a: a[i], blocks)
     return params
 
 

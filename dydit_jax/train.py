@@ -187,7 +187,8 @@ def initial_params(config, model: DiT, fresh_params):
     else:
         from dydit_jax.convert import from_pytorch
         loaded = from_pytorch(source, model)["params"]
-    params = merge_params(fresh_params, loaded)
+    from dydit_jax.convert import to_layout
+    params = merge_params(fresh_params, to_layout(loaded, model.scan_layers))
     if config.dynamic.enabled and config.dynamic.reorder:
         from dydit_jax.reorder import reorder_by_importance
         params, _ = reorder_by_importance(params, model.num_heads,

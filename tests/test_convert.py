@@ -142,3 +142,14 @@ def to_torch_state_dict(params, model):
             v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
         sd[name] = torch.from_numpy(np.ascontiguousarray(v))
     return sd
+
+
+def test_layout_conversion_between_scanned_and_per_block(reference):
+    model, ref = reference
+    stacked = convert.to_layout(ref["params"], scan_layers=True)
+    assert "blocks" in stacked and "blocks_0" not in stacked
+    assert stacked["blocks"]["attn"]["qkv"]["kernel"].shape == (2, 64, 192)
+    scanned_model = DiT(**TINY, scan_layers=True)
+    direct = convert.from_pytorch(PT, scanned_model)["params"]
+    assert_same_tree(stacked, direct)
+    assert_same_tree(convert.to_layout(stacked, scan_layers=False), ref["params"])

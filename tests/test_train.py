@@ -220,3 +220,24 @@ print("OK")
     assert "OK" in res.stdout
     losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert len(losses) == 2 and np.all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("name", ["digits", "digits_dydit", "dit_s", "dit_b", "dit_l", "dit_xl"])
+def test_every_config_builds_and_validates(name):
+    import importlib.util
+
+    from dydit_jax import config_lib, train
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    config_lib.validate(config)
+    assert mod.__doc__ and "python -m dydit_jax.main" in mod.__doc__
+    model = train.build_model(config)
+    assert model.dynamic == (name == "digits_dydit")
+    if name == "dit_xl":
+        dy = mod.get_config("lam=0.5,init=converted")
+        assert dy.dynamic.enabled and dy.dynamic.target == 0.5 and dy.dynamic.warmup_steps == 1000
+        assert train.build_model(dy).dynamic and dy.train.num_steps == 200_000
+        with pytest.raises(ValueError, match="init="):
+            mod.get_config("lam=0.7")
