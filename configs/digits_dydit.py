@@ -26,5 +26,5 @@ def get_config(arg=None):
     c = digits.get_config()
     c.dynamic.update(enabled=True, target=args.lam, warmup_steps=args.warmup, hold_steps=100,
                      stage=1, reorder=True)
-    c.train.update(num_steps=args.steps, init_from=args.init, lr=3e-4, ema_decay=0.99)
+    c.train.update(num_steps=args.steps, init_from=args.init, lr=3e-4)
     return c

@@ -528,7 +528,8 @@ class DiT(nn.Module):
         x, t, y: [2n, ...]; rows [0:n] conditional, rows [n:2n] the null label. Only `x[:n]` is
         used (duplicated). The release guides only eps channels 0..2 (`guide_channels=3`, which
         is the default for checkpoint parity); `guide_channels=None` guides all eps channels,
-        which is what the CFG formula intends for 4-channel latents. The remaining channels
+        which is what the CFG formula intends for 4-channel latents (at most the eps channels
+        are guided, whatever `guide_channels` says). The remaining channels
         (and the variance channels) pass through from each row's own output. `cfg_scale` may
         be a traced value: changing it never recompiles. A dynamic model returns (out, aux).
         """
@@ -536,7 +537,8 @@ class DiT(nn.Module):
         combined = jnp.concatenate([half, half], axis=0)
         out = self(combined, t, y, complete=complete)
         out, aux = out if self.dynamic else (out, None)
-        k = self.in_channels if guide_channels is None else guide_channels
+        k = self.in_channels if guide_channels is None else min(guide_channels,
+                                                                self.in_channels)
         eps, rest = out[..., :k], out[..., k:]
         cond, uncond = jnp.split(eps, 2, axis=0)
         guided = uncond + jnp.asarray(cfg_scale, eps.dtype) * (cond - uncond)
