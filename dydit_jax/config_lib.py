@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-MODES = ("train", "sample", "plot", "evaluate", "convert", "benchmark")
+MODES = ("train", "sample", "plot", "evaluate")
 
 
 def base_config() -> ml_collections.ConfigDict:
