@@ -23,8 +23,10 @@ setup(
         "pillow>=10",
         "safetensors>=0.4",
         "scikit-learn>=1.4",
+        "scipy>=1.10",
         "matplotlib>=3.7",
         "tensorboardX>=2.6",
+        "diffrax>=0.6,<0.8",
     ],
     extras_require={
         "torch": ["torch>=2.1,<2.14"],
