@@ -18,7 +18,7 @@ def get_config(arg=None):
     import importlib.util
     import os
 
-    args = config_lib.parse_arg(arg, lam=0.5, steps=1000, init="runs/digits", warmup=300)
+    args = config_lib.parse_arg(arg, lam=0.5, steps=800, init="runs/digits", warmup=300)
     spec = importlib.util.spec_from_file_location(
         "digits", os.path.join(os.path.dirname(__file__), "digits.py"))
     digits = importlib.util.module_from_spec(spec)
