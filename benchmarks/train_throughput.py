@@ -1,10 +1,11 @@
 """Training throughput (images/s) and train-step compile time per model, device count, mesh, dtype.
 
-The train step measured is the one `dydit_jax.train` runs (`make_train_step(diffusion_loss_fn)`:
-forward + backward + AdamW + EMA, compiled with the state's regex shardings, the batch split
-over the mesh's (data, fsdp) axes and the old state donated), on the configs of
-`configs/dit_{s,b}.py` with synthetic latents (32x32x4, 1000 classes; scanned and
-rematerialised blocks, float32 parameters, compute dtype float32 or bfloat16).
+The train step measured is the one `dydit_jax.train` runs
+(`make_train_step(build_loss_fn(config, ...))`: forward + backward + AdamW + EMA, the plain DiT
+objective), compiled with the state's regex shardings, the batch split over the mesh's
+(data, fsdp) axes and the old state donated, on the configs of `configs/dit_{s,b}.py` with
+synthetic latents (32x32x4, 1000 classes; scanned and rematerialised blocks, float32
+parameters, compute dtype float32 or bfloat16).
 
 The device count is process-global in JAX, so this script launches one subprocess per entry of
 `--devices` (`XLA_FLAGS=--xla_force_host_platform_device_count=N` on CPU) and collects their
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "train_throughput.json")
 sys.path.insert(0, ROOT)
 
@@ -57,11 +58,12 @@ def _worker(args) -> dict:
     import jax
     import numpy as np
 
-    from dydit_jax import config_lib, train
+    from dydit_jax import train
     from dydit_jax import data as data_lib
     from dydit_jax import sharding as sharding_lib
 
     n = jax.device_count()
+    load_start = os.getloadavg()
     fsdp_sizes = [int(f) for f in args.fsdp.split(",") if f.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     rows = []
@@ -71,12 +73,19 @@ def _worker(args) -> dict:
         batches = {}
         for data_ax, fsdp_ax in meshes_for(n, fsdp_sizes):
             mesh = sharding_lib.create_mesh(data_ax, fsdp_ax)
+            gb = _state_gb(name, mesh, args.batch)
+            if gb > args.max_state_gb:
+                print(f"[{n} dev] {name} data={data_ax},fsdp={fsdp_ax}: skipped, the train "
+                      f"state takes {gb:.1f} GB of host memory over the {n} devices "
+                      f"(> --max-state-gb {args.max_state_gb:g})", flush=True)
+                rows.extend(dict(model=name, devices=n, mesh_data=data_ax, mesh_fsdp=fsdp_ax,
+                                 dtype=dtype, batch=args.batch, state_gb=gb,
+                                 skipped=f"state {gb:.1f} GB > --max-state-gb")
+                            for dtype in dtypes)
+                continue
             for dtype in dtypes:
-                config = config_lib.imagenet_config(
-                    name, f"data=synthetic,batch={args.batch},dtype={dtype},steps=1000")
-                config.mesh.update(data=data_ax, fsdp=fsdp_ax)
-                config_lib.validate(config)
-                model = train.build_model(config.model)
+                config = _config(name, args.batch, dtype, (data_ax, fsdp_ax))
+                model = train.build_model(config)
                 diffusion = train.build_diffusion(config)
                 tx = train.build_optimizer(config.train)
                 init_fn = functools.partial(train.init_state, model, tx)
@@ -98,7 +107,7 @@ def _worker(args) -> dict:
                     print(f"[{n} dev] {name} mesh data={data_ax},fsdp={fsdp_ax}: "
                           f"{n_params:,} params, state init {init_s:.1f} s", flush=True)
                 step = jax.jit(
-                    train.make_train_step(train.diffusion_loss_fn(model, diffusion), tx,
+                    train.make_train_step(train.build_loss_fn(config, model, diffusion), tx,
                                           config.train.ema_decay),
                     in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
                     out_shardings=(shardings, sharding_lib.replicated(mesh)),
@@ -109,26 +118,29 @@ def _worker(args) -> dict:
                 print(f"[{n} dev] {name} data={data_ax},fsdp={fsdp_ax} {dtype}: "
                       f"compile {compile_s:.1f} s", flush=True)
                 configs.append(dict(key=key, dtype=dtype, compiled=compiled, times=[],
-                                    compile_s=compile_s, n_params=n_params,
+                                    cpu_times=[],
+                                    compile_s=compile_s, n_params=n_params, state_gb=gb,
                                     scan_layers=config.model.scan_layers,
                                     remat=config.model.remat))
 
         def run_one(c):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             states[c["key"]], metrics = jax.block_until_ready(
                 c["compiled"](states[c["key"]], batches[c["key"]]))
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if not np.isfinite(float(metrics["loss"])):
                 raise FloatingPointError(f"non-finite loss for {name} {c['key']} {c['dtype']}")
-            return dt
+            return dt, dc
 
         for c in configs:                       # warm-up: first execution of each program
             for _ in range(args.warmup):
                 run_one(c)
-        for r in range(args.steps):             # timed, interleaved, rotated order
+        for r in range(args.steps if configs else 0):  # timed, interleaved, rotated order
             k = r % len(configs)
             for c in configs[k:] + configs[:k]:
-                c["times"].append(run_one(c))
+                dt, dc = run_one(c)
+                c["times"].append(dt)
+                c["cpu_times"].append(dc)
         for c in configs:
             med = statistics.median(c["times"])
             data_ax, fsdp_ax = c["key"]
@@ -136,13 +148,52 @@ def _worker(args) -> dict:
                              dtype=c["dtype"], param_dtype="float32", batch=args.batch,
                              images_per_s=args.batch / med, median_s=med,
                              min_s=min(c["times"]), max_s=max(c["times"]),
-                             step_times_s=c["times"], steps=args.steps, warmup=args.warmup,
+                             step_times_s=c["times"], cpu_s=statistics.median(c["cpu_times"]),
+                             step_cpu_times_s=c["cpu_times"], steps=args.steps,
+                             warmup=args.warmup,
                              compile_s=c["compile_s"], params=c["n_params"],
+                             state_gb=c["state_gb"],
                              scan_layers=c["scan_layers"], remat=c["remat"]))
             print(f"[{n} dev] {name} data={data_ax},fsdp={fsdp_ax} {c['dtype']}: "
-                  f"{args.batch / med:.2f} images/s ({1e3 * med:.0f} ms/step)", flush=True)
+                  f"{args.batch / med:.2f} images/s ({1e3 * med:.0f} ms/step, "
+                  f"{statistics.median(c['cpu_times']):.1f} CPU s/step)", flush=True)
         del configs, states, batches
-    return dict(rows=rows, environment=_environment())
+    env = _environment()
+    env.update(loadavg_1_5_15_start=load_start, loadavg_1_5_15_end=os.getloadavg())
+    return dict(rows=rows, environment=env)
+
+
+def _config(name, batch, dtype, mesh_shape=(-1, 1)):
+    from dydit_jax import config_lib
+    config = config_lib.imagenet_config(
+        name, f"data=synthetic,batch={batch},dtype={dtype},steps=1000")
+    config.mesh.update(data=mesh_shape[0], fsdp=mesh_shape[1])
+    config_lib.validate(config)
+    return config
+
+
+def _state_gb(name, mesh, batch) -> float:
+    """Host memory of the train state (params, EMA, Adam moments) summed over all devices.
+
+    Simulated devices share the host's memory, so a replicated state costs N copies.
+    """
+    import functools
+
+    import jax
+    import numpy as np
+
+    from dydit_jax import sharding as sharding_lib
+    from dydit_jax import train
+    config = _config(name, batch, "float32", (mesh.shape["data"], mesh.shape["fsdp"]))
+    model = train.build_model(config)
+    tx = train.build_optimizer(config.train)
+    abstract = jax.eval_shape(functools.partial(train.init_state, model, tx),
+                              jax.random.PRNGKey(0))
+    shardings = sharding_lib.tree_shardings(abstract, mesh, config.mesh.rules)
+    per_device = sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
+                     for a, s in zip(jax.tree_util.tree_leaves(abstract),
+                                     jax.tree_util.tree_leaves(shardings)))
+    return per_device * mesh.size / 1e9
 
 
 def _environment():
@@ -180,13 +231,19 @@ def _subprocess_env(n_devices: int) -> dict:
 
 def format_table(rows):
     lines = ["| model | devices | mesh (data x fsdp) | compute dtype | images/s (median) | "
-             "ms / step (median) | min-max ms | compile s |",
-             "|---|---:|---|---|---:|---:|---:|---:|"]
+             "ms / step (median) | min-max ms | CPU s / step | compile s | "
+             "state GB (all devices) |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if r.get("skipped"):
+            lines.append(f"| {r['model']} | {r['devices']} | {r['mesh_data']} x "
+                         f"{r['mesh_fsdp']} | {r['dtype']} | skipped | - | - | - | - | "
+                         f"{r['state_gb']:.1f} |")
+            continue
         lines.append(f"| {r['model']} | {r['devices']} | {r['mesh_data']} x {r['mesh_fsdp']} | "
                      f"{r['dtype']} | {r['images_per_s']:.2f} | {1e3 * r['median_s']:.0f} | "
                      f"{1e3 * r['min_s']:.0f}-{1e3 * r['max_s']:.0f} | "
-                     f"{r['compile_s']:.1f} |")
+                     f"{r['cpu_s']:.1f} | {r['compile_s']:.1f} | {r['state_gb']:.1f} |")
     return "\n".join(lines)
 
 
@@ -202,6 +259,9 @@ def main(argv=None):
                    help="fsdp axis sizes of the multi-device meshes (data = devices / fsdp); "
                         "one device always runs data=1,fsdp=1")
     p.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes")
+    p.add_argument("--max-state-gb", type=float, default=8.0,
+                   help="skip a mesh whose train state (summed over the simulated devices, "
+                        "which share host memory) exceeds this")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON results ('' to skip)")
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -231,6 +291,7 @@ def main(argv=None):
             cmd = [sys.executable, os.path.abspath(__file__), "--models", args.models,
                    "--batch", str(args.batch), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--dtypes", args.dtypes, "--fsdp", args.fsdp,
+                   "--max-state-gb", str(args.max_state_gb),
                    "--devices", str(n), "--worker-out", out]
             print(f"== {n} device(s): {' '.join(cmd[1:-2])}", flush=True)
             subprocess.run(cmd, env=_subprocess_env(n), cwd=ROOT, check=True)
