@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-MODES = ("train", "sample", "plot", "evaluate")
+MODES = ("train", "sample", "plot", "evaluate", "extract")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -50,7 +50,32 @@ def base_config() -> ml_collections.ConfigDict:
         learn_sigma=True,
     ))
 
-    opt_str = ml_collections.config_dict.placeholder(str)
+    # A placeholder is a FieldReference: one shared object would link every key holding it
+    # (setting data.data_dir would also set data.path), so each key gets its own.
+    opt_str = lambda: ml_collections.config_dict.placeholder(str)  # noqa: E731
+    opt_float = lambda: ml_collections.config_dict.placeholder(float)  # noqa: E731
+    # Flow matching (SiT, dydit_jax/transport): when enabled the model is a SiT, training uses
+    # the transport's loss (instead of `diffusion`) and sampling its ODE/SDE samplers (instead
+    # of sample.sampler/num_steps/eta; the rest of `sample` applies as is). Defaults: the
+    # release's (train_utils.py), except sampling with a 50-step Euler ODE.
+    c.transport = ml_collections.ConfigDict(dict(
+        enabled=False,
+        path_type="Linear",      # Linear | GVP | VP
+        prediction="velocity",   # velocity | noise | score
+        loss_weight=opt_str(),   # None | velocity | likelihood (noise and score models)
+        train_eps=opt_float(),   # None: create_transport's defaults (0 for Linear velocity)
+        sample_eps=opt_float(),
+        sampler="ode",           # ode | sde
+        method="euler",          # ode: euler | heun2 | midpoint | heun3 | rk4 | dopri5 | ...
+                                 # sde: euler | heun (case-insensitive)
+        num_steps=50,            # grid points (fixed methods take num_steps - 1 steps)
+        atol=1e-6, rtol=1e-3,    # adaptive ODE methods
+        diffusion_form="sigma",  # sde: w(t), see transport.DIFFUSION_FORMS
+        diffusion_norm=1.0,
+        last_step="Mean",        # sde: Mean | Tweedie | Euler | None
+        last_step_size=0.04,
+    ))
+
     c.data = ml_collections.ConfigDict(dict(
         name="synthetic",        # digits | imagenet | latents | synthetic (see dydit_jax/data)
         image_size=32,
@@ -63,15 +88,15 @@ def base_config() -> ml_collections.ConfigDict:
         random_flip=False,       # horizontal flips (digits, imagenet)
         resize="nearest",        # digits upsampling: nearest | bilinear
         tfds_name="imagenet2012",
-        data_dir=opt_str,
-        manual_dir=opt_str,
+        data_dir=opt_str(),
+        manual_dir=opt_str(),
         download_and_prepare=False,
         split="train",
         host_split="tfds",       # imagenet: tfds (even file splits) | global (one permutation)
         decode="pil",
         num_workers=1,           # decoding threads
         prefetch=2,              # batches prepared ahead
-        path=opt_str,            # latents: directory of .npz shards
+        path=opt_str(),          # latents: directory of .npz shards
         latent_flip=False,
     ))
 
@@ -115,12 +140,40 @@ def base_config() -> ml_collections.ConfigDict:
         clip_denoised=False,
         engine="masked",         # dynamic models: masked (the release's path) | static (complete)
     ))
+
+    # mode=evaluate (dydit_jax/evaluate.py): FID-50K etc. of the `sample.checkpoint` weights
+    # (sample.eta/guide_channels/clip_denoised/engine/use_ema apply; flow models use
+    # `transport`'s sampler). Defaults: the DiT paper's FID protocol (250 DDPM steps, CFG 1.5).
+    c.evaluate = ml_collections.ConfigDict(dict(
+        vae_dir=opt_str(),       # diffusers AutoencoderKL folder (latent models; also extract)
+        inception_path=opt_str(),   # FID Inception weights (.npz, evaluation/inception.py)
+        reference_batch=opt_str(),  # ADM .npz (e.g. VIRTUAL_imagenet256_labeled.npz); None:
+                                    # a reference drawn from the training data source
+        num_samples=50_000,
+        batch_size=64,           # global sampling / Inception batch
+        chunk_size=1_000,        # samples per resumable chunk (eval/chunk_NNNNN.npz)
+        cfg_scale=1.5,
+        sampler="ddpm",          # ddpm | ddim (diffusion models)
+        num_steps=250,
+        seed=0,
+    ))
+
+    # mode=extract (dydit_jax/extract_latents.py): tfds images -> VAE latent shards for
+    # data.name=latents (the tfds keys of `data` pick the dataset, evaluate.vae_dir the VAE).
+    c.extract = ml_collections.ConfigDict(dict(
+        output_dir=opt_str(),    # None: data.path, else <workdir>/latents
+        shard_size=4_096,        # source images per shard (2x latents with flip copies)
+        flip=True,               # also store each image's horizontally flipped latent
+        batch_size=64,           # global encoder batch
+        image_size=0,            # pixels; 0: model.input_size * the VAE's downsampling
+    ))
     c.compilation_cache_dir = ""
     return c
 
 
 def imagenet_config(model_name: str, arg: str | None) -> ml_collections.ConfigDict:
-    """DiT on ImageNet 256 (the paper's setting): latent space by default.
+    """DiT on ImageNet 256 (the paper's setting): latent space by default. A "SiT-..." model
+    name gives the SiT (flow matching, Linear path, velocity; the release's SDE sampler).
 
     Args (`configs/dit_xl.py:batch=64,data=imagenet`): batch (global), steps, image_size,
     data=latents (SD-VAE latents extracted once, 32x32x4 for 256 px) | imagenet (pixel space,
@@ -146,7 +199,7 @@ def imagenet_config(model_name: str, arg: str | None) -> ml_collections.ConfigDi
         # DyDiT recipe (paper/code): from a trained DiT, AdamW 1e-4, stage 1, target schedule
         # 1.0 for 100 steps then a ramp over 1k (lambda 0.5) or 5k (lambda 0.7) steps.
         if not args.init:
-            raise ValueError("DyDiT fine-tuning (lam>0) starts from a trained DiT: pass "
+            raise ValueError("DyDiT fine-tuning (lam>0) starts from a trained DiT/SiT: pass "
                              "init=<converted params dir, .pt file or workdir>")
         c.dynamic.update(enabled=True, target=args.lam, stage=1, hold_steps=100,
                          warmup_steps=1000 if args.lam <= 0.5 else 5000)
@@ -154,6 +207,12 @@ def imagenet_config(model_name: str, arg: str | None) -> ml_collections.ConfigDi
             c.train.num_steps = 200_000
     c.sample.update(num_steps=250, cfg_scale=4.0, per_class=4, batch_size=32,
                     classes=(207, 360, 387, 974, 88, 979, 417, 279))
+    if model_name.startswith("SiT"):
+        # The sampler of SiT-XL/2's FID (the release's sample_ddp.py SDE defaults):
+        # Euler-Maruyama over 250 points, w(t) = sigma_t, a "Mean" last step of 0.04.
+        c.transport.update(enabled=True, path_type="Linear", prediction="velocity",
+                           sampler="sde", method="Euler", num_steps=250,
+                           diffusion_form="sigma", last_step="Mean", last_step_size=0.04)
     return c
 
 

@@ -2,7 +2,10 @@
 
 Stage 1: L = L_DiT(dynamic) + L_DiT(complete model, same x_t, t, y) + L_flops
 Stage 2: L = L_DiT(dynamic) + L_flops
-L_DiT is the full ADM loss (eps MSE + VLB with a detached mean); L_flops = 2 (mean_b r_b - target)^2
+L_DiT is the batch mean of a per-sample loss `per_sample_loss(model_fn, x, rng) -> (loss [B],
+terms)`: the full ADM loss (eps MSE + VLB with a detached mean; `diffusion_per_sample_loss`) or
+the flow-matching loss of a SiT (`flow_loss.transport_per_sample_loss`). The same `rng` gives
+the same t and noise, hence the same x_t for the complete model. L_flops = 2 (mean_b r_b - target)^2
 with r_b the per-sample FLOPs ratio of the masks (`flops.flops_ratio`, the release's constants
 A = 4ND^2 + 2N^2D, M = 8ND^2). The target is 1.0 for `hold_steps` steps, then ramps linearly to
 lambda over `warmup_steps`, then stays at lambda (the release's schedule).
@@ -23,54 +26,88 @@ def flops_target(step, target: float, warmup_steps: int, hold_steps: int = 100):
     return 1.0 + (target - 1.0) * progress
 
 
-def dydit_loss_fn(model, diffusion, dc) -> Callable:
-    """loss(params, batch, rng, step) -> (scalar, metrics) for a `dynamic=True` DiT.
+def diffusion_per_sample_loss(diffusion) -> Callable:
+    """`per_sample_loss(model_fn, x, rng) -> (loss [B], terms)` of an ADM diffusion.
 
-    `dc` is `config.dynamic` (target, warmup_steps, hold_steps, stage). Metrics: the loss terms,
-    the batch-mean FLOPs ratio and its target, and per block [L] the active head, group and
-    token fractions.
+    t ~ U{0, ..., T-1} and the noise are drawn from `rng`; `model_fn(x_t, t)` is called with the
+    model's timesteps. `terms` is `diffusion.training_losses`' dict: "mse", "vb" and the
+    model's aux under "extra" (a dynamic model's masks).
+    """
+
+    def per_sample_loss(model_fn, x, rng):
+        k_t, k_noise = jax.random.split(rng)
+        t = jax.random.randint(k_t, (x.shape[0],), 0, diffusion.num_timesteps)
+        terms = diffusion.training_losses(model_fn, x, t, rng=k_noise)
+        return terms["loss"], terms
+
+    return per_sample_loss
+
+
+def as_per_sample_loss(source) -> Callable:
+    """A per-sample loss from an ADM diffusion, a flow-matching `Transport` or a callable."""
+    from dydit_jax.transport import Transport
+    if isinstance(source, Transport):
+        from dydit_jax.flow_loss import transport_per_sample_loss
+        return transport_per_sample_loss(source)
+    if hasattr(source, "training_losses"):
+        return diffusion_per_sample_loss(source)
+    if callable(source):
+        return source
+    raise TypeError(f"expected a diffusion, a Transport or per_sample_loss(model_fn, x, rng), "
+                    f"got {type(source).__name__}")
+
+
+def dydit_loss_fn(model, per_sample_loss, dc) -> Callable:
+    """loss(params, batch, rng, step) -> (scalar, metrics) for a `dynamic=True` DiT or SiT.
+
+    `per_sample_loss`: `per_sample_loss(model_fn, x, rng) -> (loss [B], terms)` with
+    `model_fn(x_t, t)` the model (labels bound) and the model's aux (masks) in
+    `terms["extra"]`; or an ADM diffusion / a flow-matching `Transport`, for which it is built
+    (`as_per_sample_loss`). `dc` is `config.dynamic` (target, warmup_steps, hold_steps, stage).
+    Metrics: the loss terms (with the diffusion's "mse" and "vb" when it has them), the
+    batch-mean FLOPs ratio and its target, and per block [L] the active head, group and token
+    fractions.
     """
     if not model.dynamic:
-        raise ValueError("the DyDiT objective needs DiT(dynamic=True)")
+        raise ValueError("the DyDiT objective needs a dynamic model (dynamic=True)")
     if dc.stage not in (1, 2):
         raise ValueError(f"config.dynamic.stage={dc.stage}; valid: 1 (with the complete-model "
                          f"loss) or 2 (without)")
+    per_sample_loss = as_per_sample_loss(per_sample_loss)
     num_tokens, hidden = model.num_patches, model.hidden_size
 
     def loss_fn(params, batch, rng, step):
-        k_t, k_noise, k_drop, k_gumbel = jax.random.split(rng, 4)
+        k_loss, k_drop, k_gumbel = jax.random.split(rng, 3)
         x, y = batch["image"], batch["label"]
-        t = jax.random.randint(k_t, (x.shape[0],), 0, diffusion.num_timesteps)
         rngs = {"label_dropout": k_drop, "gumbel": k_gumbel}
 
-        def dynamic_fn(x_t, t_model, y):
+        def dynamic_fn(x_t, t_model):
             return model.apply({"params": params}, x_t, t_model, y, train=True, rngs=rngs)
 
-        terms = diffusion.training_losses(dynamic_fn, x, t, model_kwargs={"y": y}, rng=k_noise)
+        dyn_loss, terms = per_sample_loss(dynamic_fn, x, k_loss)
         aux = terms["extra"]
         ratio = flops.flops_ratio(aux["head_masks"], aux["group_masks"],
                                   aux.get("token_masks"), num_tokens, hidden)
         target = flops_target(step, dc.target, dc.warmup_steps, dc.hold_steps)
         l_flops = 2.0 * jnp.square(jnp.mean(ratio) - target)
-        loss = jnp.mean(terms["loss"]) + l_flops
-        metrics = {"loss_dynamic": jnp.mean(terms["loss"]), "mse": jnp.mean(terms["mse"]),
-                   "vb": jnp.mean(terms["vb"]), "loss_flops": l_flops,
+        loss = jnp.mean(dyn_loss) + l_flops
+        metrics = {"loss_dynamic": jnp.mean(dyn_loss), "loss_flops": l_flops,
                    "flops_ratio": jnp.mean(ratio), "flops_target": target,
                    "head_width": jnp.mean(aux["head_masks"], axis=(0, 2)),
                    "group_width": jnp.mean(aux["group_masks"], axis=(0, 2))}
+        metrics.update({k: jnp.mean(terms[k]) for k in ("mse", "vb") if k in terms})
         if "token_masks" in aux:
             metrics["token_fraction"] = jnp.mean(aux["token_masks"], axis=(0, 2))
         if dc.stage == 1:
-            # Same x_t (same noise key), t and dropped labels; routers get no gradient here.
-            def complete_fn(x_t, t_model, y):
+            # Same x_t (same loss key), t and dropped labels; routers get no gradient here.
+            def complete_fn(x_t, t_model):
                 out, _ = model.apply({"params": params}, x_t, t_model, y, train=True,
                                      complete=True, rngs=rngs)
                 return out
 
-            complete = diffusion.training_losses(complete_fn, x, t, model_kwargs={"y": y},
-                                                 rng=k_noise)
-            loss = loss + jnp.mean(complete["loss"])
-            metrics["loss_complete"] = jnp.mean(complete["loss"])
+            complete_loss, _ = per_sample_loss(complete_fn, x, k_loss)
+            loss = loss + jnp.mean(complete_loss)
+            metrics["loss_complete"] = jnp.mean(complete_loss)
         metrics["loss"] = loss
         return loss, metrics
 

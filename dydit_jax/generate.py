@@ -4,6 +4,8 @@ Weights come from `config.sample.checkpoint`: empty for the workdir's latest tra
 checkpoint (EMA by default), an orbax params directory (the converter's output) or an official
 `.pt` / `.safetensors` file. Sampling is sharded over the batch (the mesh's data and fsdp axes),
 parameters replicated; one compile per run (the last batch is padded, not recompiled).
+Flow-matching models (`config.transport.enabled`) sample with the transport's ODE or SDE
+(`config.transport.sampler`, `method`, `num_steps`, ...); the ADM samplers otherwise.
 
 Pixel-space models write images; latent-space models write their latents (`latents.npz`) for
 the VAE decoder of the evaluation tooling.
@@ -21,7 +23,8 @@ from tqdm import tqdm
 from dydit_jax import sampling
 from dydit_jax import sharding as sharding_lib
 from dydit_jax.checkpointing import TrainCheckpointer, load_params
-from dydit_jax.train import build_diffusion, build_model, build_optimizer, init_state
+from dydit_jax.train import (build_diffusion, build_model, build_optimizer, build_transport,
+                             init_state)
 
 
 def load_sampling_params(config, workdir: str, model):
@@ -60,16 +63,24 @@ def sample_from_workdir(config, workdir: str, params=None) -> np.ndarray:
     model = build_model(config)
     if params is None:
         params = load_sampling_params(config, workdir, model)
-    respacing = f"ddim{sc.num_steps}" if sc.sampler == "ddim" else str(sc.num_steps)
-    diffusion = build_diffusion(config, respacing)
     mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
     n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = -(-min(sc.batch_size, len(sample_labels(config))) // n_shards) * n_shards
-    sample = sampling.make_sample_fn(
-        model, diffusion, sampler=sc.sampler, eta=sc.eta, clip_denoised=sc.clip_denoised,
-        guide_channels=None if sc.guide_channels < 0 else sc.guide_channels,
-        use_cfg=sc.cfg_scale > 1.0, complete=sc.engine == "static",
-        **sampling.sample_shardings(mesh, batch_axes=sharding_lib.BATCH_AXES))
+    common = dict(guide_channels=None if sc.guide_channels < 0 else sc.guide_channels,
+                  use_cfg=sc.cfg_scale > 1.0, complete=sc.engine == "static",
+                  **sampling.sample_shardings(mesh, batch_axes=sharding_lib.BATCH_AXES))
+    if config.transport.enabled:
+        tc = config.transport
+        sample = sampling.make_flow_sample_fn(
+            model, build_transport(config), sampler=tc.sampler, method=tc.method,
+            num_steps=tc.num_steps, atol=tc.atol, rtol=tc.rtol, diffusion_form=tc.diffusion_form,
+            diffusion_norm=tc.diffusion_norm, last_step=tc.last_step,
+            last_step_size=tc.last_step_size, **common)
+    else:
+        respacing = f"ddim{sc.num_steps}" if sc.sampler == "ddim" else str(sc.num_steps)
+        sample = sampling.make_sample_fn(
+            model, build_diffusion(config, respacing), sampler=sc.sampler, eta=sc.eta,
+            clip_denoised=sc.clip_denoised, **common)
     params = jax.device_put(params, sharding_lib.replicated(mesh))
 
     labels = sample_labels(config)

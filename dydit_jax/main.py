@@ -1,6 +1,8 @@
 """Entry point: `python -m dydit_jax.main --config=configs/<name>.py[:args] --workdir=<dir>`.
 
-Dispatches on `config.mode`: train | sample | plot (dynamic models' routing). Overrides:
+Dispatches on `config.mode`: train | sample | plot (dynamic models' routing) | evaluate
+(FID etc., dydit_jax/evaluate.py) | extract (VAE latent shards, dydit_jax/extract_latents.py).
+Overrides:
 `--config.train.batch_size=64`; unknown keys are errors that name the key.
 """
 from __future__ import annotations
@@ -38,8 +40,14 @@ def run(config, workdir: str):
     if config.mode == "plot":
         from dydit_jax import plots
         return plots.plot_from_workdir(config, workdir)
+    if config.mode == "evaluate":
+        from dydit_jax import evaluate
+        return evaluate.evaluate_from_workdir(config, workdir)
+    if config.mode == "extract":
+        from dydit_jax import extract_latents
+        return extract_latents.extract_from_config(config, workdir)
     raise NotImplementedError(f"config.mode={config.mode!r} is not implemented yet; "
-                              f"available: train, sample, plot")
+                              f"available: {', '.join(config_lib.MODES)}")
 
 
 def main(argv):

@@ -6,6 +6,9 @@
     save_grid_png(images, "sample.png", nrow=4)
     save_npz(images, "samples.npz", labels=labels)                 # ADM evaluator layout
 
+Flow-matching SiTs sample through `make_flow_sample_fn(model, transport, sampler="ode")` (the
+transport's ODE / SDE samplers), with the same call, CFG layout and output helpers.
+
 Classifier-free guidance follows the release's sample.py / sample_ddp.py: z is drawn once for
 the B requested samples and duplicated, the labels become [y; null] with null = num_classes,
 the loop runs `model.forward_with_cfg` on the 2B rows and the conditional half is returned.
@@ -34,7 +37,7 @@ import numpy as np
 
 from dydit_jax.diffusion import split_loop_key
 
-__all__ = ["make_sample_fn", "sample_shardings", "to_uint8", "make_grid", "save_grid_png",
+__all__ = ["make_sample_fn", "make_flow_sample_fn", "sample_shardings", "to_uint8", "make_grid", "save_grid_png",
            "save_npz"]
 
 SAMPLERS = ("ddpm", "ddim")
@@ -142,6 +145,13 @@ def make_sample_fn(
         samples = run_loop(model_fn, z.shape, rng, z)
         return samples[:b]  # drop the null-class half
 
+    return _jitted_sample_fn(sample_impl, counter, latent_shape, use_cfg, in_shardings,
+                             out_shardings)
+
+
+def _jitted_sample_fn(sample_impl, counter, latent_shape, use_cfg, in_shardings,
+                      out_shardings) -> Callable:
+    """`sample(params, rng, labels, cfg_scale)` around ONE `jax.jit` of `sample_impl`."""
     jit_kw = {}
     if in_shardings is not None:
         jit_kw["in_shardings"] = in_shardings
@@ -171,9 +181,109 @@ def make_sample_fn(
     return sample
 
 
+FLOW_SAMPLERS = ("ode", "sde")
+
+
+def make_flow_sample_fn(
+    model,
+    transport,
+    *,
+    sampler: str = "ode",
+    method: str = "euler",
+    num_steps: int = 50,
+    atol: float = 1e-6,
+    rtol: float = 1e-3,
+    diffusion_form: str = "sigma",
+    diffusion_norm: float = 1.0,
+    last_step: Optional[str] = "Mean",
+    last_step_size: float = 0.04,
+    guide_channels: Optional[int] = 3,
+    use_cfg: bool = True,
+    latent_shape: Optional[Sequence[int]] = None,
+    complete: bool = False,
+    in_shardings: Any = None,
+    out_shardings: Any = None,
+) -> Callable:
+    """Build `sample(params, rng, labels, cfg_scale) -> x1 [B, H, W, C]` (float32) for a
+    flow-matching SiT, with the samplers of `dydit_jax.transport.Sampler`.
+
+    :param model: a Flax SiT (`__call__(x, t, y)` with t in [0, 1] returning C channels,
+        `forward_with_cfg`); a dynamic one runs its masked path, or its static path with
+        `complete=True`.
+    :param transport: `create_transport(...)` (the model's path and prediction).
+    :param sampler: "ode" (`Sampler.sample_ode`) or "sde" (`Sampler.sample_sde`).
+    :param method: ode: "euler", "heun2", "midpoint", "heun3", "rk4" (fixed grid) or
+        "dopri5", ... (adaptive, `atol`/`rtol`); sde: "Euler" (Euler-Maruyama) or "Heun".
+        Case-insensitive.
+    :param num_steps: points of the time grid (noise at t ~ 0 to data at t ~ 1).
+    :param diffusion_form, diffusion_norm, last_step, last_step_size: the SDE's diffusion
+        coefficient and final deterministic step (`last_step` None or "None": none).
+    :param guide_channels, use_cfg, latent_shape, in_shardings, out_shardings: as in
+        :func:`make_sample_fn`.
+
+    Classifier-free guidance follows the SiT release's sample.py / sample_ddp.py: z is drawn
+    once for the B samples and duplicated, the labels become [y; null], the sampler integrates
+    `model.forward_with_cfg` on the 2B rows and the conditional half is returned. ONE `jax.jit`
+    (a fixed-grid solver is one `lax.scan`); `cfg_scale`, the labels and the rng are traced.
+    Randomness: `k_z, k_sde = split(rng)`; z = normal(k_z, [B, H, W, C]); the SDE draws its
+    step noise from `k_sde` for all (2B) rows.
+    """
+    from dydit_jax.transport import (ADAPTIVE_METHODS, FIXED_GRID_METHODS, SDE_METHODS,
+                                     Sampler)
+
+    if sampler not in FLOW_SAMPLERS:
+        raise ValueError(f"unknown flow sampler {sampler!r}; expected one of {FLOW_SAMPLERS}")
+    methods = SDE_METHODS if sampler == "sde" else FIXED_GRID_METHODS + ADAPTIVE_METHODS
+    by_name = {m.lower(): m for m in methods}
+    if str(method).lower() not in by_name:
+        raise ValueError(f"unknown {sampler} method {method!r}; expected one of {methods}")
+    method = by_name[str(method).lower()]
+    if latent_shape is None:
+        h, w = _pair(model.input_size)
+        latent_shape = (h, w, int(model.in_channels))
+    latent_shape = tuple(int(s) for s in latent_shape)
+    null_label = int(model.num_classes)
+    counter = {"traces": 0}
+    dyn_kw = {"complete": complete} if getattr(model, "dynamic", False) else {}
+
+    flow = Sampler(transport)
+    if sampler == "ode":
+        solve = flow.sample_ode(sampling_method=method, num_steps=num_steps, atol=atol,
+                                rtol=rtol)
+    else:
+        if last_step is not None and str(last_step).lower() in ("none", ""):
+            last_step = None
+        solve = flow.sample_sde(sampling_method=method, diffusion_form=diffusion_form,
+                                diffusion_norm=diffusion_norm, last_step=last_step,
+                                last_step_size=last_step_size, num_steps=num_steps)
+
+    def sample_impl(variables, rng, labels, cfg_scale):
+        counter["traces"] += 1  # Python side effect: runs once per trace (= per compile)
+        b = labels.shape[0]
+        k_z, k_sde = jax.random.split(rng)
+        z = jax.random.normal(k_z, (b,) + latent_shape, jnp.float32)
+        if use_cfg:
+            z = jnp.concatenate([z, z], axis=0)
+            y = jnp.concatenate([labels, jnp.full((b,), null_label, labels.dtype)], axis=0)
+
+            def model_fn(x, t):
+                return model.apply(variables, x, t, y, cfg_scale, guide_channels=guide_channels,
+                                   method="forward_with_cfg", **dyn_kw)
+        else:
+            def model_fn(x, t):
+                return model.apply(variables, x, t, labels, **dyn_kw)
+        kw = {"rng": k_sde} if sampler == "sde" else {}
+        xs = solve(z, model_fn, **kw)  # [num_steps, rows, H, W, C]; the last is the sample
+        return xs[-1][:b].astype(jnp.float32)  # drop the null-class half
+
+    return _jitted_sample_fn(sample_impl, counter, latent_shape, use_cfg, in_shardings,
+                             out_shardings)
+
+
 def sample_shardings(mesh, batch_axes: Union[str, Tuple[str, ...]] = "data",
                      params_sharding: Any = None):
-    """`dict(in_shardings=..., out_shardings=...)` for :func:`make_sample_fn` on `mesh`.
+    """`dict(in_shardings=..., out_shardings=...)` for :func:`make_sample_fn` (and
+    :func:`make_flow_sample_fn`) on `mesh`.
 
     Labels and the output are split over `batch_axes` on their leading axis; the rng key and
     `cfg_scale` are replicated; `params_sharding` (one sharding, or a pytree of them matching

@@ -30,22 +30,29 @@ from dydit_jax.checkpointing import TrainCheckpointer, load_params
 from dydit_jax.diffusion import create_diffusion
 from dydit_jax.metrics import MetricWriter
 from dydit_jax.models.dit import DiT, dit_config
+from dydit_jax.models.sit import SiT, sit_config
 
 State = Dict[str, Any]
 
 
 def build_model(config: ml_collections.ConfigDict) -> DiT:
-    """The DiT of `config.model` (named size or "custom"), dynamic if `config.dynamic.enabled`."""
+    """The DiT of `config.model` (named size or "custom"), dynamic if `config.dynamic.enabled`;
+    a SiT (same parameters, flow-matching output) when `config.transport.enabled`."""
     mc = config.model
+    flow = config.transport.enabled
+    if mc.name.startswith("SiT") and not flow:
+        raise ValueError(f"config.model.name={mc.name!r} is a flow-matching model: set "
+                         f"config.transport.enabled=True")
     if mc.name == "custom":
         sizes = dict(hidden_size=mc.hidden_size, depth=mc.depth, num_heads=mc.num_heads,
                      patch_size=mc.patch_size)
     else:
-        sizes = dit_config(mc.name)
+        sizes = (sit_config if mc.name.startswith("SiT") else dit_config)(mc.name)
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if mc.dtype not in dtypes:
         raise ValueError(f"config.model.dtype={mc.dtype!r}; valid: {sorted(dtypes)}")
-    return DiT(input_size=mc.input_size, in_channels=mc.in_channels,
+    cls = SiT if flow else DiT
+    return cls(input_size=mc.input_size, in_channels=mc.in_channels,
                num_classes=mc.num_classes, learn_sigma=mc.learn_sigma,
                class_dropout_prob=mc.class_dropout_prob, mlp_ratio=mc.mlp_ratio,
                scan_layers=mc.scan_layers, remat=mc.remat, dtype=dtypes[mc.dtype],
@@ -56,6 +63,14 @@ def build_diffusion(config, timestep_respacing=""):
     dc = config.diffusion
     return create_diffusion(timestep_respacing, noise_schedule=dc.noise_schedule,
                             learn_sigma=dc.learn_sigma, diffusion_steps=dc.diffusion_steps)
+
+
+def build_transport(config):
+    """The flow-matching transport of `config.transport` (SiT's `create_transport`)."""
+    from dydit_jax.transport import create_transport
+    tc = config.transport
+    return create_transport(tc.path_type, tc.prediction, tc.loss_weight, tc.train_eps,
+                            tc.sample_eps)
 
 
 def build_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -101,12 +116,23 @@ def diffusion_loss_fn(model: DiT, diffusion) -> Callable:
     return loss_fn
 
 
-def build_loss_fn(config, model: DiT, diffusion) -> Callable:
-    """The plain DiT objective, or the DyDiT one when `config.dynamic.enabled`."""
-    if config.dynamic.enabled:
-        from dydit_jax.dydit_loss import dydit_loss_fn
-        return dydit_loss_fn(model, diffusion, config.dynamic)
-    return diffusion_loss_fn(model, diffusion)
+def build_loss_fn(config, model: DiT, diffusion=None) -> Callable:
+    """The plain objective, or the DyDiT one when `config.dynamic.enabled`: of the ADM
+    `diffusion` (built from the config when None), or of the flow-matching transport when
+    `config.transport.enabled` (then `diffusion` is unused)."""
+    if config.transport.enabled:
+        from dydit_jax import flow_loss
+        transport = build_transport(config)
+        if not config.dynamic.enabled:
+            return flow_loss.flow_loss_fn(model, transport)
+        per_sample_loss = flow_loss.transport_per_sample_loss(transport)
+    else:
+        diffusion = build_diffusion(config) if diffusion is None else diffusion
+        if not config.dynamic.enabled:
+            return diffusion_loss_fn(model, diffusion)
+        per_sample_loss = diffusion
+    from dydit_jax.dydit_loss import dydit_loss_fn
+    return dydit_loss_fn(model, per_sample_loss, config.dynamic)
 
 
 def make_train_step(loss_fn: Callable, tx, ema_decay: float) -> Callable:
@@ -241,7 +267,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     tc = config.train
     mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
     model = build_model(config)
-    diffusion = build_diffusion(config)
     tx = build_optimizer(tc)
     checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
                                      max_to_keep=tc.keep_checkpoints, keep_period=tc.keep_period,
@@ -256,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
         source.set_state(data_state)
 
     train_step = jax.jit(
-        make_train_step(build_loss_fn(config, model, diffusion), tx, tc.ema_decay),
+        make_train_step(build_loss_fn(config, model), tx, tc.ema_decay),
         in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
         donate_argnums=(0,))
