@@ -1,0 +1,187 @@
+"""The extract mode: encode a tfds image dataset once into the latent shards of `data.name=latents`.
+
+    python -m dydit_jax.main --config=configs/dit_xl.py --workdir=runs/extract \
+        --config.mode=extract --config.evaluate.vae_dir=sd-vae-ft-ema \
+        --config.data.data_dir=~/tensorflow_datasets --config.data.path=latents/imagenet256
+
+DiT's fast-training recipe (fast-DiT's extract_features.py): every image of the split (the tfds
+dataset of `config.data`: `tfds_name`, `split`, `data_dir`, `decode`, ..., read as the imagenet
+source reads it) is center-cropped to `extract.image_size` (0: `model.input_size` times the
+VAE's downsampling, 256 for a 32x32 latent DiT), encoded with the VAE of
+`config.evaluate.vae_dir` and stored as `posterior.sample() * scaling_factor`, the values
+training consumes. With `extract.flip` (the default) each image also contributes the latent of
+its horizontally flipped copy, the next example of the same shard (so a dataset of N images
+holds 2N latents; train on it with `data.latent_flip=False`: flipping a latent along W only
+approximates the flipped image's latent).
+
+The encoder noise of image i is drawn from `fold_in(fold_in(PRNGKey(config.seed), i), copy)`
+(copy 0: the image, 1: its flip), so a shard does not depend on the batch size, the device
+count or on which run wrote it.
+
+Output (`dydit_jax.data.latents` format): `latents-00000.npz`, ... each holding the latents of
+`extract.shard_size` consecutive images (the last one fewer) and `meta.json`, written last.
+Resumable: shards are written atomically, a rerun skips every complete shard and encodes only
+the missing ones; `extract.json` records the settings and a rerun with different ones is
+refused. The output directory is `extract.output_dir`, else `data.path`, else
+`<workdir>/latents`. With several hosts, host p encodes shards p, p + P, ... on its own
+devices (the directory must be shared); host 0 writes meta.json once all are there.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from dydit_jax.data import latents as latents_lib
+from dydit_jax.evaluate import (check_spec, atomic_savez, atomic_write_json, global_array,
+                                is_main_process, padded, round_up, sync, to_host)
+
+SPEC_FILE = "extract.json"
+
+
+def output_dir(config, workdir: str) -> str:
+    return config.extract.output_dir or config.data.path or os.path.join(workdir, "latents")
+
+
+def make_encode_fn(vae, mesh: Mesh, seed: int, flip: bool):
+    """(variables, images [B, H, W, 3] in [-1, 1], global indices [B]) -> scaled latents
+    [B or 2B, h, w, c]; with `flip` rows 2j and 2j + 1 are image j and its mirror image."""
+    batch = NamedSharding(mesh, P("batch"))
+
+    def encode(variables, images, indices):
+        rows = jnp.concatenate([images, images[:, :, ::-1]]) if flip else images
+        posterior = vae.apply(variables, rows, method="encode")
+        base = jax.random.PRNGKey(seed)
+        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+        copies = (0, 1) if flip else (0,)
+        keys = jnp.concatenate([jax.vmap(lambda k, c=c: jax.random.fold_in(k, c))(keys)
+                                for c in copies])
+        shape = posterior.mean.shape[1:]
+        noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+        z = vae.scale_latents(posterior.from_noise(noise)).astype(jnp.float32)
+        if flip:  # [image 0..B-1; flips 0..B-1] -> image 0, flip 0, image 1, flip 1, ...
+            b = images.shape[0]
+            z = jnp.stack([z[:b], z[b:]], axis=1).reshape((2 * b,) + shape)
+        return z
+
+    return jax.jit(encode, out_shardings=batch)
+
+
+def _shard_complete(path: str, count: int, shape) -> bool:
+    if not os.path.exists(path):
+        return False
+    try:
+        lat_shape, _, _ = latents_lib._npz_member_info(path, "latents")
+        lab_shape, _, _ = latents_lib._npz_member_info(path, "labels")
+    except Exception:  # noqa: BLE001 - an unreadable shard is written again
+        return False
+    return tuple(lat_shape) == (count,) + tuple(shape) and tuple(lab_shape) == (count,)
+
+
+def extract_from_config(config, workdir: str) -> Dict[str, Any]:
+    """The extract mode (see the module docstring). Returns {"path", "meta", "encoded_shards",
+    "skipped_shards"} (shard indices this process encoded now / found complete)."""
+    from dydit_jax.convert_vae import load_vae
+    from dydit_jax.data.imagenet import ImageNetSource
+
+    ec = config.extract
+    if ec.shard_size < 1 or ec.batch_size < 1:
+        raise ValueError(f"config.extract.shard_size and batch_size must be positive, got "
+                         f"{ec.shard_size} and {ec.batch_size}")
+    if not config.evaluate.vae_dir:
+        raise ValueError("latent extraction needs a VAE: set --config.evaluate.vae_dir="
+                         "<diffusers AutoencoderKL folder, e.g. sd-vae-ft-ema>")
+    vae, variables = load_vae(config.evaluate.vae_dir)
+    image_size = ec.image_size or config.model.input_size * vae.downsample_factor
+    if image_size % vae.downsample_factor:
+        raise ValueError(f"image size {image_size} is not a multiple of the VAE's "
+                         f"downsampling factor {vae.downsample_factor}")
+    latent = image_size // vae.downsample_factor
+    shape = (latent, latent, vae.latent_channels)
+    copies = 2 if ec.flip else 1
+    out = output_dir(config, workdir)
+
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    workers = max(1, int(data_cfg.num_workers or 1))  # decoding threads (ours, below)
+    data_cfg.update(name="imagenet", image_size=image_size, random_flip=False, shuffle=False,
+                    num_workers=0, prefetch=0)
+    source = ImageNetSource(data_cfg, process_index=0, process_count=1, local_batch_size=1)
+    num_images = len(source.ds)
+    spec = dict(tfds_name=data_cfg.tfds_name, split=data_cfg.split,
+                data_dir=data_cfg.data_dir, decode=data_cfg.decode, num_images=num_images,
+                image_size=image_size, shard_size=ec.shard_size, flip=bool(ec.flip),
+                seed=config.seed, vae_dir=os.path.abspath(config.evaluate.vae_dir))
+    if is_main_process():
+        os.makedirs(out, exist_ok=True)
+        spec_path = os.path.join(out, SPEC_FILE)
+        if (os.path.exists(os.path.join(out, latents_lib.META_FILE))
+                and not os.path.exists(spec_path)):
+            raise FileExistsError(f"{out} already holds a latent dataset not written by the "
+                                  f"extract mode; choose another config.extract.output_dir")
+        check_spec(spec_path, spec)
+        atomic_write_json(spec_path, spec)
+    sync("extract_spec")
+
+    starts = list(range(0, num_images, ec.shard_size))
+    counts = [min(ec.shard_size, num_images - s) for s in starts]
+    names = [latents_lib.SHARD_PATTERN.format(k) for k in range(len(starts))]
+    mine = [k for k in range(len(starts)) if k % jax.process_count() == jax.process_index()]
+    todo = [k for k in mine
+            if not _shard_complete(os.path.join(out, names[k]), counts[k] * copies, shape)]
+    skipped = [k for k in mine if k not in todo]
+    if is_main_process():
+        print(f"extract: {num_images} images of {data_cfg.tfds_name}/{data_cfg.split} at "
+              f"{image_size}px -> {len(starts)} shards in {out}; {len(skipped)} complete, "
+              f"{len(todo)} to encode")
+
+    if todo:
+        mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
+        batch = round_up(max(1, ec.batch_size // jax.process_count()), mesh.size)
+        sharding = NamedSharding(mesh, P("batch"))
+        encode = make_encode_fn(vae, mesh, config.seed, bool(ec.flip))
+        variables = jax.device_put(variables, NamedSharding(mesh, P()))
+        load = lambda i: source._load_example(int(i), 0, 0)  # noqa: E731 - no flip, no shuffle
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
+                tqdm(total=sum(counts[k] for k in todo), desc="extract", unit="img",
+                     disable=not is_main_process(), dynamic_ncols=True) as bar:
+            for k in todo:
+                lat, lab = [], []
+                for start in range(starts[k], starts[k] + counts[k], batch):
+                    idx = np.arange(start, min(start + batch, starts[k] + counts[k]))
+                    examples = list(pool.map(load, idx))
+                    images = np.stack([e[0] for e in examples]).astype(np.float32)
+                    labels = np.asarray([e[1] for e in examples], np.int32)
+                    z = encode(variables, global_array(padded(images, batch), sharding),
+                               global_array(padded(idx, batch).astype(np.int32), sharding))
+                    lat.append(to_host(z)[:len(idx) * copies])
+                    lab.append(np.repeat(labels, copies))
+                    bar.update(len(idx))
+                atomic_savez(os.path.join(out, names[k]), latents=np.concatenate(lat),
+                             labels=np.concatenate(lab))
+    source.close()
+    sync("extract_shards")
+
+    meta = dict(format=latents_lib.FORMAT, num_examples=num_images * copies, shape=list(shape),
+                dtype="float32",
+                shards=[dict(file=n, num_examples=c * copies) for n, c in zip(names, counts)],
+                metadata=dict(spec, num_classes=int(source.num_classes), flip_copies=bool(ec.flip),
+                              scaling_factor=float(vae.scaling_factor),
+                              shift_factor=float(vae.shift_factor)))
+    if is_main_process():
+        missing = [n for n, c in zip(names, counts)
+                   if not _shard_complete(os.path.join(out, n), c * copies, shape)]
+        if missing:
+            raise RuntimeError(f"extract: shards {missing[:5]} are missing or incomplete in "
+                               f"{out}; rerun to write them")
+        atomic_write_json(os.path.join(out, latents_lib.META_FILE), meta)
+        print(f"extract: wrote {meta['num_examples']} latents {list(shape)} "
+              f"({'with' if ec.flip else 'without'} flip copies) to {out}")
+    sync("extract_meta")
+    return {"path": out, "meta": meta, "encoded_shards": todo, "skipped_shards": skipped}
