@@ -13,16 +13,20 @@ results. Inside a subprocess, for each model, every (mesh, dtype) configuration 
 compiled ahead of time (`jax.jit(step).lower(state, batch).compile()`, timed as compile_s),
 then run once untimed (warm-up), then the timed steps are interleaved round-robin over the
 configurations (one step of each per round, the order rotated each round), so that the machine's
-load drifts hit all of them alike. A step is timed to `block_until_ready` of its outputs; the
-batch is already on the devices (input pipeline not measured). Meshes: 1 device -> data=1;
-N devices -> data=N/f,fsdp=f for each f of `--fsdp` (default 1,4: data=8 and data=2,fsdp=4).
+load drifts hit all of them alike. A step is timed to `block_until_ready` of its outputs, in
+wall-clock seconds and in CPU seconds of the process (all its threads; less sensitive to other
+jobs on a shared machine); the batch is already on the devices (input pipeline not measured).
+Meshes: 1 device -> data=1; N devices -> data=N/f,fsdp=f for each f of `--fsdp` (default 1,4:
+data=8 and data=2,fsdp=4). Simulated devices share the host's memory, so a mesh whose train
+state summed over the devices exceeds `--max-state-gb` is skipped (DiT-B/2 on data=8: 8
+replicated copies, 16.7 GB).
 
     python benchmarks/train_throughput.py                      # the BENCHMARKS.md table
     python benchmarks/train_throughput.py --models DiT-S/2 --devices 1 --steps 2   # quick
 
-Simulated CPU devices share the same cores: 8 of them on a 2-core machine are not faster than
-one, they show the cost of sharding (partitioned programs, collectives, smaller per-device
-matmuls), not a speedup.
+Simulated CPU devices share the same cores: 8 of them on a 2-core machine cannot be faster than
+one; their CPU seconds per step show the cost of sharding (partitioned programs, collectives,
+smaller per-device matmuls), not a speedup.
 """
 from __future__ import annotations
 
