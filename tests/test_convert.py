@@ -140,7 +140,7 @@ def to_torch_state_dict(params, model):
         v = np.asarray(value)
         if path[-1] == "kernel":
             v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
-        sd[name] = torch.from_numpy(np.ascontiguousarray(v))
+        sd[name] = torch.from_numpy(np.array(v))
     return sd
 
 
