@@ -103,13 +103,14 @@ def environment():
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
-def format_table(rows):
-    lines = ["| model | batch | compute dtype | images/s (median) | ms / call (median) | "
+def format_table(rows, first="model"):
+    """Markdown table of timing rows; `first` names the key of the first column."""
+    lines = [f"| {first} | batch | compute dtype | images/s (median) | ms / call (median) | "
              "min-max ms | GFLOP/s | compile s |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         gf = "-" if r["gflops_per_s"] is None else f"{r['gflops_per_s']:.0f}"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['images_per_s']:.2f} | "
+        lines.append(f"| {r[first]} | {r['batch']} | {r['dtype']} | {r['images_per_s']:.2f} | "
                      f"{1e3 * r['median_s']:.0f} | {1e3 * r['min_s']:.0f}-"
                      f"{1e3 * r['max_s']:.0f} | {gf} | {r['compile_s']:.1f} |")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from forward_throughput import _flops, environment  # noqa: E402
+from forward_throughput import _flops, environment, format_table  # noqa: E402
 
 from dydit_jax.convert_vae import abstract_params  # noqa: E402
 from dydit_jax.evaluation.inception import InceptionV3, abstract_variables  # noqa: E402
@@ -114,18 +114,6 @@ def _print(r):
           f"compile {r['compile_s']:.1f} s)", flush=True)
 
 
-def format_table(rows):
-    lines = ["| task | batch | compute dtype | images/s (median) | ms / call (median) | "
-             "min-max ms | GFLOP/s | compile s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        gf = "-" if r["gflops_per_s"] is None else f"{r['gflops_per_s']:.0f}"
-        lines.append(f"| {r['task']} | {r['batch']} | {r['dtype']} | {r['images_per_s']:.2f} | "
-                     f"{1e3 * r['median_s']:.0f} | {1e3 * r['min_s']:.0f}-"
-                     f"{1e3 * r['max_s']:.0f} | {gf} | {r['compile_s']:.1f} |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vae-batches", default="1,2", help="comma-separated; empty to skip")
@@ -154,7 +142,7 @@ def main(argv=None):
     rows += bench_inception(ints(args.inception_batches), dtypes, args.iters, args.warmup,
                             args.seed)
     print()
-    print(format_table(rows))
+    print(format_table(rows, first="task"))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
