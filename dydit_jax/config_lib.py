@@ -138,7 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
         checkpoint="",           # empty: the workdir's latest; or orbax params dir / .pt file
         use_ema=True,
         clip_denoised=False,
-        engine="masked",         # dynamic models: masked (the release's path) | static (complete)
+        engine="masked",         # dynamic models: masked (the release's path) | gathered (the
+                                 # engine: same samples, fewer FLOPs) | static (complete model)
     ))
 
     # mode=evaluate (dydit_jax/evaluate.py): FID-50K etc. of the `sample.checkpoint` weights

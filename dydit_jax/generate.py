@@ -55,11 +55,31 @@ def sample_labels(config) -> np.ndarray:
     return np.repeat(np.asarray(classes, np.int32), sc.per_class)
 
 
+def _engine_sample_fn(config, model, params, mesh):
+    """The gathered engine (dydit_jax.engine) behind the `sample(params, rng, labels, scale)`
+    signature of `sampling.make_sample_fn`; same noise, same samples as the masked path."""
+    from dydit_jax.engine import Engine
+    sc = config.sample
+    if not model.dynamic or config.transport.enabled:
+        raise ValueError("config.sample.engine=gathered needs a dynamic ADM-diffusion model "
+                         "(config.dynamic.enabled, transport off)")
+    respacing = f"ddim{sc.num_steps}" if sc.sampler == "ddim" else str(sc.num_steps)
+    engine = Engine(model, {"params": params}, build_diffusion(config, respacing),
+                    sampler=sc.sampler, eta=sc.eta, clip_denoised=sc.clip_denoised,
+                    use_cfg=sc.cfg_scale > 1.0,
+                    guide_channels=None if sc.guide_channels < 0 else sc.guide_channels,
+                    mesh=mesh, batch_axes=sharding_lib.BATCH_AXES,
+                    compilation_cache_dir=config.compilation_cache_dir or None)
+    print(f"gathered engine: whole-model FLOPs ratio of the plan "
+          f"{float(engine.plan.macs_ratio(model, grid=engine.grid)):.3f} (tokens all kept)")
+    return lambda _params, rng, labels, cfg_scale: engine.sample(rng, labels, cfg_scale)
+
+
 def sample_from_workdir(config, workdir: str, params=None) -> np.ndarray:
     """Samples `config.sample.per_class` images of each class; returns them (uint8 or latents)."""
     sc = config.sample
-    if sc.engine not in ("masked", "static"):
-        raise ValueError(f"config.sample.engine={sc.engine!r}; valid: masked, static")
+    if sc.engine not in ("masked", "static", "gathered"):
+        raise ValueError(f"config.sample.engine={sc.engine!r}; valid: masked, static, gathered")
     model = build_model(config)
     if params is None:
         params = load_sampling_params(config, workdir, model)
@@ -76,6 +96,8 @@ def sample_from_workdir(config, workdir: str, params=None) -> np.ndarray:
             num_steps=tc.num_steps, atol=tc.atol, rtol=tc.rtol, diffusion_form=tc.diffusion_form,
             diffusion_norm=tc.diffusion_norm, last_step=tc.last_step,
             last_step_size=tc.last_step_size, **common)
+    elif sc.engine == "gathered":
+        sample = _engine_sample_fn(config, model, params, mesh)
     else:
         respacing = f"ddim{sc.num_steps}" if sc.sampler == "ddim" else str(sc.num_steps)
         sample = sampling.make_sample_fn(

@@ -101,5 +101,12 @@ def test_dydit_run_through_the_training_loop_and_plots(tmp_path):
 
     cfg.sample.update(per_class=1, num_steps=5)
     plots.plot_from_workdir(cfg, str(tmp_path / "dydit"))
+    # Sample-mode wiring of the gathered engine (routers here are still mostly on after 6 steps;
+    # tests/test_engine.py checks exactness with half the heads, groups and tokens off).
+    from dydit_jax import generate
+    masked = generate.sample_from_workdir(cfg, str(tmp_path / "dydit"))
+    cfg.sample.engine = "gathered"
+    gathered = generate.sample_from_workdir(cfg, str(tmp_path / "dydit"))
+    np.testing.assert_allclose(gathered, masked, atol=1e-5, rtol=1e-5)
     for name in ("width_heatmap.png", "token_masks.png"):
         assert (tmp_path / "dydit" / "plots" / name).stat().st_size > 1000
