@@ -71,3 +71,27 @@ WORKDIR = {str(workdir)!r}
                    for o in c.outputs if o.output_type == "stream")
     assert "3 steps" in text and "loss " in text, text
     assert (workdir / "metrics.jsonl").exists()
+
+
+def test_engine_notebook_shows_identical_samples(tmp_path, monkeypatch):
+    nb = nbformat.read(NOTEBOOKS / "dynamic_engine.ipynb", as_version=4)
+    _inject_parameters(nb, f"""
+WORKDIR = {str(tmp_path / 'none')!r}
+CONFIG = {str(NOTEBOOKS.parent / 'configs' / 'digits_dydit.py')!r}
+SAMPLE_STEPS = 5
+PER_CLASS = 1
+TINY = dict(hidden_size=32, depth=2, num_heads=4)
+""")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.outputs if o.output_type == "stream")
+    diff = float(text.split("max |masked - gathered| =")[1].split()[0])
+    assert diff <= 1e-5, text
+    assert "random DyDiT" in text and "executables compiled by the engine: 1" in text, text
+    pngs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if o.output_type == "display_data" and "image/png" in o["data"]]
+    assert len(pngs) == 3  # heat map, masked grid, gathered grid
