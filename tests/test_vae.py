@@ -2,7 +2,7 @@
 
 The golden folder is a shrunk sd-vae-ft-ema (block_out_channels (16, 32), 8 groups, random
 N(0, 0.02) weights) written by diffusers' `save_pretrained`; io.npz holds the PyTorch outputs
-(NCHW). See /work/shared/golden/README-extra.md, section vae/. Tolerance: float32,
+(NCHW). See ../shared/golden/README-extra.md, section vae/. Tolerance: float32,
 atol = rtol = 1e-5 (the reference's own float32-vs-float64 gap is below 2.1e-6).
 """
 import json
