@@ -9,7 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dydit_jax", "dydit_jax.*"]),
     python_requires=">=3.10",
-    # Ranges tested on CPU with jax 0.10.2 / flax 0.12.8 / optax 0.2.8 / orbax 0.12.8.
+    # Tested (CPU, Python 3.11) with jax 0.10.2, flax 0.12.8, optax 0.2.8, orbax 0.12.8, tfds
+    # 4.9.10; lower bounds are releases with the APIs used here, not tested themselves.
     install_requires=[
         "jax>=0.6,<0.13",
         "flax>=0.10,<0.13",
