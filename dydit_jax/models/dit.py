@@ -570,26 +570,35 @@ SIZES = {
 }
 
 
-def dit_config(name: str) -> dict:
-    """Constructor arguments of a named config: "DiT-XL/2", "DiT_S_4", "S/8", ..."""
-    key = name.replace("DiT-", "").replace("DiT_", "").replace("_", "/")
+def named_config(name: str, prefix: str = "DiT") -> dict:
+    """Constructor arguments of a named config: "DiT-XL/2", "DiT_S_4", "S/8", ...
+    (`prefix` "SiT" for the same sizes under SiT's names)."""
+    key = name.replace(f"{prefix}-", "").replace(f"{prefix}_", "").replace("_", "/")
     try:
         size, patch = key.split("/")
         return dict(SIZES[size], patch_size=int(patch))
     except (ValueError, KeyError):
-        valid = ", ".join(f"DiT-{s}/{p}" for s in SIZES for p in (2, 4, 8))
-        raise ValueError(f"unknown DiT config {name!r}; valid: {valid}") from None
+        valid = ", ".join(f"{prefix}-{s}/{p}" for s in SIZES for p in (2, 4, 8))
+        raise ValueError(f"unknown {prefix} config {name!r}; valid: {valid}") from None
 
 
-def _preset(size: str, patch: int):
-    def make(**kwargs) -> DiT:
-        return DiT(**{**SIZES[size], "patch_size": patch, **kwargs})
-    make.__name__ = f"DiT_{size}_{patch}"
-    make.__doc__ = f"DiT-{size}/{patch}: {SIZES[size]}, patch {patch}."
-    return make
+def dit_config(name: str) -> dict:
+    """Constructor arguments of a named DiT config: "DiT-XL/2", "DiT_S_4", "S/8", ..."""
+    return named_config(name, "DiT")
 
 
-DiT_models = {f"DiT-{s}/{p}": _preset(s, p) for s in SIZES for p in (2, 4, 8)}
+def make_presets(cls, prefix: str) -> dict:
+    """{"<prefix>-XL/2": constructor, ...} for every size x patch 2, 4, 8 of the paper."""
+    def preset(size: str, patch: int):
+        def make(**kwargs):
+            return cls(**{**SIZES[size], "patch_size": patch, **kwargs})
+        make.__name__ = f"{prefix}_{size}_{patch}"
+        make.__doc__ = f"{prefix}-{size}/{patch}: {SIZES[size]}, patch {patch}."
+        return make
+    return {f"{prefix}-{s}/{p}": preset(s, p) for s in SIZES for p in (2, 4, 8)}
+
+
+DiT_models = make_presets(DiT, "DiT")
 DiT_XL_2, DiT_XL_4, DiT_XL_8 = (DiT_models[f"DiT-XL/{p}"] for p in (2, 4, 8))
 DiT_L_2, DiT_L_4, DiT_L_8 = (DiT_models[f"DiT-L/{p}"] for p in (2, 4, 8))
 DiT_B_2, DiT_B_4, DiT_B_8 = (DiT_models[f"DiT-B/{p}"] for p in (2, 4, 8))

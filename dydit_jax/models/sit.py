@@ -17,7 +17,7 @@ same way. Arrays are NHWC.
 """
 from __future__ import annotations
 
-from dydit_jax.models.dit import SIZES, DiT
+from dydit_jax.models.dit import DiT, make_presets, named_config
 
 
 class SiT(DiT):
@@ -44,24 +44,10 @@ class SiT(DiT):
 
 def sit_config(name: str) -> dict:
     """Constructor arguments of a named config: "SiT-XL/2", "SiT_S_4", "S/8", ..."""
-    key = name.replace("SiT-", "").replace("SiT_", "").replace("_", "/")
-    try:
-        size, patch = key.split("/")
-        return dict(SIZES[size], patch_size=int(patch))
-    except (ValueError, KeyError):
-        valid = ", ".join(f"SiT-{s}/{p}" for s in SIZES for p in (2, 4, 8))
-        raise ValueError(f"unknown SiT config {name!r}; valid: {valid}") from None
+    return named_config(name, "SiT")
 
 
-def _preset(size: str, patch: int):
-    def make(**kwargs) -> SiT:
-        return SiT(**{**SIZES[size], "patch_size": patch, **kwargs})
-    make.__name__ = f"SiT_{size}_{patch}"
-    make.__doc__ = f"SiT-{size}/{patch}: {SIZES[size]}, patch {patch}."
-    return make
-
-
-SiT_models = {f"SiT-{s}/{p}": _preset(s, p) for s in SIZES for p in (2, 4, 8)}
+SiT_models = make_presets(SiT, "SiT")
 SiT_XL_2, SiT_XL_4, SiT_XL_8 = (SiT_models[f"SiT-XL/{p}"] for p in (2, 4, 8))
 SiT_L_2, SiT_L_4, SiT_L_8 = (SiT_models[f"SiT-L/{p}"] for p in (2, 4, 8))
 SiT_B_2, SiT_B_4, SiT_B_8 = (SiT_models[f"SiT-B/{p}"] for p in (2, 4, 8))
