@@ -168,10 +168,15 @@ def make_decode_fn(vae, mesh):
                    out_shardings=out)
 
 
-def build_sample_fn(config, model, mesh):
+def build_sample_fn(config, model, mesh, params=None):
     """`sampling.make_sample_fn` (or `make_flow_sample_fn` for flow models) for the evaluate
-    settings, sharded over the mesh's batch axes."""
+    settings, sharded over the mesh's batch axes; with `sample.engine=gathered` the dynamic
+    inference engine (built for `params`)."""
     sc, ec = config.sample, config.evaluate
+    if sc.engine == "gathered":
+        from dydit_jax.generate import engine_sample_fn
+        return engine_sample_fn(config, model, params, mesh, ec.sampler, ec.num_steps,
+                                ec.cfg_scale)
     common = dict(guide_channels=None if sc.guide_channels < 0 else sc.guide_channels,
                   use_cfg=ec.cfg_scale > 1.0, complete=sc.engine == "static",
                   **sampling.sample_shardings(mesh, batch_axes=sharding_lib.BATCH_AXES))
@@ -289,7 +294,7 @@ def sample_chunks(config, workdir: str, params=None) -> Tuple[List[str], List[in
     if params is None:
         params = load_sampling_params(config, workdir, model)
     params = jax.device_put(params, sharding_lib.replicated(mesh))
-    sample = build_sample_fn(config, model, mesh)
+    sample = build_sample_fn(config, model, mesh, params)
     decode = None
     if is_latent(config):
         vae, vae_vars = load_vae(config)

@@ -55,23 +55,37 @@ def sample_labels(config) -> np.ndarray:
     return np.repeat(np.asarray(classes, np.int32), sc.per_class)
 
 
-def _engine_sample_fn(config, model, params, mesh):
+def engine_sample_fn(config, model, params, mesh, sampler: str, num_steps: int,
+                     cfg_scale: float):
     """The gathered engine (dydit_jax.engine) behind the `sample(params, rng, labels, scale)`
-    signature of `sampling.make_sample_fn`; same noise, same samples as the masked path."""
-    from dydit_jax.engine import Engine
+    signature of `sampling.make_sample_fn`; same noise, same samples as the masked path.
+    Diffusion models run `Engine` (config.sample's sampler), flow models `FlowEngine`
+    (config.transport's fixed-grid ODE / SDE). `sampler`, `num_steps` (diffusion models) and
+    `cfg_scale` (> 1 guides) come from the caller's section (`sample` or `evaluate`)."""
+    from dydit_jax.engine import Engine, FlowEngine
     sc = config.sample
-    if not model.dynamic or config.transport.enabled:
-        raise ValueError("config.sample.engine=gathered needs a dynamic ADM-diffusion model "
-                         "(config.dynamic.enabled, transport off)")
-    respacing = f"ddim{sc.num_steps}" if sc.sampler == "ddim" else str(sc.num_steps)
-    engine = Engine(model, {"params": params}, build_diffusion(config, respacing),
-                    sampler=sc.sampler, eta=sc.eta, clip_denoised=sc.clip_denoised,
-                    use_cfg=sc.cfg_scale > 1.0,
-                    guide_channels=None if sc.guide_channels < 0 else sc.guide_channels,
-                    mesh=mesh, batch_axes=sharding_lib.BATCH_AXES,
-                    compilation_cache_dir=config.compilation_cache_dir or None)
-    print(f"gathered engine: whole-model FLOPs ratio of the plan "
-          f"{float(engine.plan.macs_ratio(model, grid=engine.grid)):.3f} (tokens all kept)")
+    if not model.dynamic:
+        raise ValueError("config.sample.engine=gathered needs a dynamic model "
+                         "(config.dynamic.enabled=True)")
+    common = dict(use_cfg=cfg_scale > 1.0,
+                  guide_channels=None if sc.guide_channels < 0 else sc.guide_channels,
+                  mesh=mesh, batch_axes=sharding_lib.BATCH_AXES,
+                  compilation_cache_dir=config.compilation_cache_dir or None)
+    if config.transport.enabled:
+        tc = config.transport
+        engine = FlowEngine(model, {"params": params}, build_transport(config),
+                            sampler=tc.sampler, method=tc.method, num_steps=tc.num_steps,
+                            diffusion_form=tc.diffusion_form, diffusion_norm=tc.diffusion_norm,
+                            last_step=tc.last_step, last_step_size=tc.last_step_size, **common)
+        ratio = engine.macs_ratio()
+    else:
+        respacing = f"ddim{num_steps}" if sampler == "ddim" else str(num_steps)
+        engine = Engine(model, {"params": params}, build_diffusion(config, respacing),
+                        sampler=sampler, eta=sc.eta, clip_denoised=sc.clip_denoised,
+                        **common)
+        ratio = engine.plan.macs_ratio(model, grid=engine.grid, include_routers=False)
+    print(f"gathered engine: whole-model FLOPs ratio of the plan {float(ratio):.3f} "
+          "(tokens all kept)")
     return lambda _params, rng, labels, cfg_scale: engine.sample(rng, labels, cfg_scale)
 
 
@@ -89,15 +103,16 @@ def sample_from_workdir(config, workdir: str, params=None) -> np.ndarray:
     common = dict(guide_channels=None if sc.guide_channels < 0 else sc.guide_channels,
                   use_cfg=sc.cfg_scale > 1.0, complete=sc.engine == "static",
                   **sampling.sample_shardings(mesh, batch_axes=sharding_lib.BATCH_AXES))
-    if config.transport.enabled:
+    if sc.engine == "gathered":
+        sample = engine_sample_fn(config, model, params, mesh, sc.sampler, sc.num_steps,
+                                  sc.cfg_scale)
+    elif config.transport.enabled:
         tc = config.transport
         sample = sampling.make_flow_sample_fn(
             model, build_transport(config), sampler=tc.sampler, method=tc.method,
             num_steps=tc.num_steps, atol=tc.atol, rtol=tc.rtol, diffusion_form=tc.diffusion_form,
             diffusion_norm=tc.diffusion_norm, last_step=tc.last_step,
             last_step_size=tc.last_step_size, **common)
-    elif sc.engine == "gathered":
-        sample = _engine_sample_fn(config, model, params, mesh)
     else:
         respacing = f"ddim{sc.num_steps}" if sc.sampler == "ddim" else str(sc.num_steps)
         sample = sampling.make_sample_fn(

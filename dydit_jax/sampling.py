@@ -184,6 +184,40 @@ def _jitted_sample_fn(sample_impl, counter, latent_shape, use_cfg, in_shardings,
 FLOW_SAMPLERS = ("ode", "sde")
 
 
+def canonical_flow_method(sampler: str, method: str) -> str:
+    """The transport's spelling of a flow sampler method (names are case-insensitive)."""
+    from dydit_jax.transport import ADAPTIVE_METHODS, FIXED_GRID_METHODS, SDE_METHODS
+
+    if sampler not in FLOW_SAMPLERS:
+        raise ValueError(f"unknown flow sampler {sampler!r}; expected one of {FLOW_SAMPLERS}")
+    methods = SDE_METHODS if sampler == "sde" else FIXED_GRID_METHODS + ADAPTIVE_METHODS
+    by_name = {m.lower(): m for m in methods}
+    if str(method).lower() not in by_name:
+        raise ValueError(f"unknown {sampler} method {method!r}; expected one of {methods}")
+    return by_name[str(method).lower()]
+
+
+def make_flow_solver(transport, *, sampler: str = "ode", method: str = "euler",
+                     num_steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3,
+                     diffusion_form: str = "sigma", diffusion_norm: float = 1.0,
+                     last_step: Optional[str] = "Mean", last_step_size: float = 0.04) -> Callable:
+    """`solve(init, model_fn, **kw) -> [num_steps, rows, ...]` of `transport.Sampler` (the last
+    entry is the sample; the SDE one takes `rng=`). Arguments as in :func:`make_flow_sample_fn`.
+    Shared by the masked sampler and the gathered engine, so both integrate identically."""
+    from dydit_jax.transport import Sampler
+
+    method = canonical_flow_method(sampler, method)
+    flow = Sampler(transport)
+    if sampler == "ode":
+        return flow.sample_ode(sampling_method=method, num_steps=num_steps, atol=atol,
+                               rtol=rtol)
+    if last_step is not None and str(last_step).lower() in ("none", ""):
+        last_step = None
+    return flow.sample_sde(sampling_method=method, diffusion_form=diffusion_form,
+                           diffusion_norm=diffusion_norm, last_step=last_step,
+                           last_step_size=last_step_size, num_steps=num_steps)
+
+
 def make_flow_sample_fn(
     model,
     transport,
@@ -228,16 +262,10 @@ def make_flow_sample_fn(
     Randomness: `k_z, k_sde = split(rng)`; z = normal(k_z, [B, H, W, C]); the SDE draws its
     step noise from `k_sde` for all (2B) rows.
     """
-    from dydit_jax.transport import (ADAPTIVE_METHODS, FIXED_GRID_METHODS, SDE_METHODS,
-                                     Sampler)
-
-    if sampler not in FLOW_SAMPLERS:
-        raise ValueError(f"unknown flow sampler {sampler!r}; expected one of {FLOW_SAMPLERS}")
-    methods = SDE_METHODS if sampler == "sde" else FIXED_GRID_METHODS + ADAPTIVE_METHODS
-    by_name = {m.lower(): m for m in methods}
-    if str(method).lower() not in by_name:
-        raise ValueError(f"unknown {sampler} method {method!r}; expected one of {methods}")
-    method = by_name[str(method).lower()]
+    solve = make_flow_solver(transport, sampler=sampler, method=method, num_steps=num_steps,
+                             atol=atol, rtol=rtol, diffusion_form=diffusion_form,
+                             diffusion_norm=diffusion_norm, last_step=last_step,
+                             last_step_size=last_step_size)
     if latent_shape is None:
         h, w = _pair(model.input_size)
         latent_shape = (h, w, int(model.in_channels))
@@ -245,17 +273,6 @@ def make_flow_sample_fn(
     null_label = int(model.num_classes)
     counter = {"traces": 0}
     dyn_kw = {"complete": complete} if getattr(model, "dynamic", False) else {}
-
-    flow = Sampler(transport)
-    if sampler == "ode":
-        solve = flow.sample_ode(sampling_method=method, num_steps=num_steps, atol=atol,
-                                rtol=rtol)
-    else:
-        if last_step is not None and str(last_step).lower() in ("none", ""):
-            last_step = None
-        solve = flow.sample_sde(sampling_method=method, diffusion_form=diffusion_form,
-                                diffusion_norm=diffusion_norm, last_step=last_step,
-                                last_step_size=last_step_size, num_steps=num_steps)
 
     def sample_impl(variables, rng, labels, cfg_scale):
         counter["traces"] += 1  # Python side effect: runs once per trace (= per compile)

@@ -82,6 +82,17 @@ def test_dynamic_sit_runs_the_dydit_objective(trained_sit, tmp_path):
         assert np.isfinite(r["loss"]) and np.isfinite(r["loss_complete"])
         np.testing.assert_allclose(
             r["loss"], r["loss_dynamic"] + r["loss_complete"] + r["loss_flops"], rtol=1e-5)
+    # Sample-mode wiring of the gathered engine for flow models (FlowEngine; its exactness
+    # with routers that switch is tested in test_engine_flow.py): same samples as the masked path.
+    from dydit_jax import generate
+    config.transport.update(sampler="ode", method="heun2")
+    masked = generate.sample_from_workdir(config, str(tmp_path))
+    config.sample.engine = "gathered"
+    gathered = generate.sample_from_workdir(config, str(tmp_path))
+    np.testing.assert_allclose(gathered, masked, atol=1e-5, rtol=1e-5)
+    config.transport.method = "dopri5"
+    with pytest.raises(ValueError, match="adaptive"):
+        generate.sample_from_workdir(config, str(tmp_path))
 
 
 def test_flow_sampler_cfg_layout_and_one_compile():

@@ -10,10 +10,13 @@
   on the schedule's timesteps; save/load; cached per (parameters, schedule)) and `Buckets`.
 - `gathered`: the forward pass that gathers active heads, groups and kept tokens.
 - `sampler`: `Engine` (DDPM/DDIM, CFG, mesh, executable cache with a compile counter).
+- `flow`: `FlowEngine` (a dynamic SiT's fixed-grid ODE / SDE samplers; plans for the solver's
+  continuous times).
 """
 from dydit_jax.engine.plan import Buckets, WidthPlan, bucket_sizes, get_plan
 from dydit_jax.engine.sampler import (DEFAULT_CAPACITIES, Engine, ExecutableCache,
                                       enable_persistent_cache)
+from dydit_jax.engine.flow import FlowEngine, solver_times
 
 __all__ = ["Buckets", "WidthPlan", "bucket_sizes", "get_plan", "DEFAULT_CAPACITIES", "Engine",
-           "ExecutableCache", "enable_persistent_cache"]
+           "ExecutableCache", "enable_persistent_cache", "FlowEngine", "solver_times"]

@@ -99,7 +99,8 @@ def _embed(m, x, t, y):
 
 
 def _final(m, tokens, c):
-    return m.unpatchify(m.final_layer(tokens, c)).astype(_float_dtype(m.dtype))
+    out = m.unpatchify(m.final_layer(tokens, c))[..., :m.returned_channels]
+    return out.astype(_float_dtype(m.dtype))
 
 
 def embed(model, rest, x, t, y):
@@ -108,7 +109,7 @@ def embed(model, rest, x, t, y):
 
 
 def final(model, rest, tokens, c):
-    """tokens [B, N, D], c [B, D] -> output [B, H, W, C_out] (float32)."""
+    """tokens [B, N, D], c [B, D] -> output [B, H, W, C_out] (float32; a SiT's C channels)."""
     return model.apply({"params": rest}, tokens, c, method=_final)
 
 

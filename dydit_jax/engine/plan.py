@@ -11,6 +11,10 @@ sampler schedule they are data, computed once on the host (DESIGN.md section 3):
 Steps are indexed like the sampler's step index s = 0..S-1 (the loops run s = S-1 down to 0);
 step s calls the model at timestep `timesteps[s] = diffusion.timestep_map[s]`.
 
+Flow-matching models (SiT, continuous t in [0, 1]) plan for float times instead: the times at
+which a fixed-grid ODE / SDE solver calls the model (`engine.flow.solver_times`), one plan row
+per distinct time, ascending; `WidthPlan.build(model, variables, times)` with a float array.
+
 Masks are computed with the model's own `DiT.width_logits` and `gumbel_sigmoid_gate` (eval
 mode: on <=> sigmoid(logit / tau) > 0.5), exactly as the masked path decides them.
 
@@ -112,7 +116,8 @@ class Buckets:
 class WidthPlan:
     """Active heads and MLP groups per step and block of one sampler schedule.
 
-    timesteps [S] int64: the model timestep of step index s. head_masks, group_masks
+    timesteps [S]: the model timestep of step index s (int64 for a diffusion, float32 for a
+    flow model's continuous times). head_masks, group_masks
     [S, L, H] bool (index 0 always on). `fingerprint`: hash of everything the masks depend on
     (model config, tau, t_embedder and width-router parameters); `schedule` describes it.
     """
@@ -126,8 +131,9 @@ class WidthPlan:
 
     @classmethod
     def build(cls, model, variables, schedule) -> "WidthPlan":
-        """Plan of `model` (a dynamic DiT) for `schedule`: a diffusion (its `timestep_map`)
-        or a 1-D array of model timesteps (one per step index)."""
+        """Plan of `model` (a dynamic DiT or SiT) for `schedule`: a diffusion (its
+        `timestep_map`), a 1-D array of integer model timesteps (one per step index) or of
+        float times (a flow model's continuous t, passed to the model as float32)."""
         if not getattr(model, "dynamic", False):
             raise ValueError("a width plan needs a dynamic model: construct DiT(..., "
                              "dynamic=True)")
@@ -142,7 +148,7 @@ class WidthPlan:
             on = np.asarray(on)
             return np.concatenate([np.ones(on.shape[:-1] + (1,), bool), on], axis=-1)
 
-        head, group = jax.device_get(gates(variables, timesteps.astype(np.int32)))
+        head, group = jax.device_get(gates(variables, _model_times(timesteps)))
         return cls(timesteps=timesteps, head_masks=with_index_0(head),
                    group_masks=with_index_0(group),
                    fingerprint=plan_fingerprint(model, variables),
@@ -250,7 +256,7 @@ class WidthPlan:
     def check(self, model, variables, schedule) -> None:
         """Raise ValueError unless this plan belongs to (model, variables, schedule)."""
         timesteps = schedule_timesteps(schedule)
-        if not np.array_equal(timesteps, self.timesteps):
+        if not _same_times(timesteps, self.timesteps):
             raise ValueError(f"width plan for schedule {self.schedule!r} ({self.num_steps} "
                              f"steps) does not match the sampler's {len(timesteps)} timesteps; "
                              "build a plan for this schedule")
@@ -268,19 +274,33 @@ class WidthPlan:
 # ----------------------------------------------------------------------------------------------
 
 def schedule_timesteps(schedule) -> np.ndarray:
-    """A diffusion (`timestep_map`) or an array of model timesteps -> int64 [S]."""
-    timesteps = getattr(schedule, "timestep_map", schedule)
-    timesteps = np.asarray(timesteps, dtype=np.int64)
+    """A diffusion (`timestep_map`) or an array of model timesteps -> int64 [S]; an array of
+    float times (flow models) -> float32 [S]."""
+    timesteps = np.asarray(getattr(schedule, "timestep_map", schedule))
+    timesteps = timesteps.astype(np.float32 if np.issubdtype(timesteps.dtype, np.floating)
+                                 else np.int64)
     if timesteps.ndim != 1 or timesteps.size == 0:
         raise ValueError(f"schedule timesteps must be a non-empty 1-D array, got shape "
                          f"{timesteps.shape}")
     return timesteps
 
 
+def _same_times(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same times of the same kind (integer diffusion timesteps vs float flow times)."""
+    return a.dtype.kind == b.dtype.kind and np.array_equal(a, b)
+
+
+def _model_times(timesteps: np.ndarray) -> np.ndarray:
+    """The model's t input: int32 diffusion timesteps or float32 flow times."""
+    return timesteps.astype(np.float32 if timesteps.dtype.kind == "f" else np.int32)
+
+
 def _describe(schedule, timesteps: np.ndarray) -> str:
     if hasattr(schedule, "timestep_map"):
         return (f"{type(schedule).__name__}({len(timesteps)} steps, "
                 f"t {timesteps[0]}..{timesteps[-1]})")
+    if timesteps.dtype.kind == "f":
+        return f"times({len(timesteps)}, t {timesteps[0]:.6g}..{timesteps[-1]:.6g})"
     return f"timesteps({len(timesteps)})"
 
 
@@ -317,16 +337,16 @@ def get_plan(model, variables, schedule, cache_dir: Optional[Union[str, os.PathL
     (e.g. beside the checkpoint), saved there as `width_plan-<hash>.npz` and reused."""
     timesteps = schedule_timesteps(schedule)
     fp = plan_fingerprint(model, variables)
-    key = (fp, timesteps.tobytes())
+    key = (fp, str(timesteps.dtype).encode() + timesteps.tobytes())
     if key in _PLANS:
         return _PLANS[key]
     path = None
     if cache_dir is not None:
-        tag = hashlib.sha256(fp.encode() + timesteps.tobytes()).hexdigest()[:16]
+        tag = hashlib.sha256(fp.encode() + key[1]).hexdigest()[:16]
         path = os.path.join(os.fspath(cache_dir), f"width_plan-{tag}.npz")
     if path is not None and os.path.exists(path):
         plan = WidthPlan.load(path)
-        if plan.fingerprint != fp or not np.array_equal(plan.timesteps, timesteps):
+        if plan.fingerprint != fp or not _same_times(plan.timesteps, timesteps):
             plan = None
     else:
         plan = None

@@ -117,16 +117,29 @@ class Engine:
                  plan: Optional[WidthPlan] = None, plan_dir=None, compilation_cache_dir=None):
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+        self.diffusion = diffusion
+        self.sampler, self.eta, self.clip_denoised = sampler, eta, clip_denoised
+        self._setup(model, variables, diffusion, plan=plan, plan_dir=plan_dir, grid=grid,
+                    token_capacities=token_capacities, executor=executor, mesh=mesh,
+                    batch_axes=batch_axes, latent_shape=latent_shape, use_cfg=use_cfg,
+                    guide_channels=guide_channels,
+                    compilation_cache_dir=compilation_cache_dir)
+
+    def _setup(self, model, variables, schedule, *, plan, plan_dir, grid, token_capacities,
+               executor, mesh, batch_axes, latent_shape, use_cfg, guide_channels,
+               compilation_cache_dir):
+        """What every engine holds: the plan of `schedule` and its buckets, the mesh, the
+        parameters split into non-block and (stacked) block trees, the executable cache."""
         if executor not in EXECUTORS:
             raise ValueError(f"unknown executor {executor!r}; expected one of {EXECUTORS}")
         if not getattr(model, "dynamic", False):
-            raise ValueError("the engine runs dynamic models: construct DiT(..., dynamic=True)")
+            raise ValueError("the engine runs dynamic models: construct the model with "
+                             "dynamic=True")
         if compilation_cache_dir is not None:
             enable_persistent_cache(compilation_cache_dir)
         if "params" not in variables:
             variables = {"params": variables}
-        self.model, self.diffusion = model, diffusion
-        self.sampler, self.eta, self.clip_denoised = sampler, eta, clip_denoised
+        self.model = model
         self.use_cfg, self.guide_channels = use_cfg, guide_channels
         self.executor = executor
         self.capacities = tuple(float(f) for f in token_capacities)
@@ -135,9 +148,9 @@ class Engine:
         self.latent_shape = tuple(int(s) for s in latent_shape)
 
         if plan is None:
-            plan = get_plan(model, variables, diffusion, cache_dir=plan_dir)
+            plan = get_plan(model, variables, schedule, cache_dir=plan_dir)
         else:
-            plan.check(model, variables, diffusion)
+            plan.check(model, variables, schedule)
         self.plan = plan
         self.grid = grid
         self.buckets = plan.bucketize(grid)

@@ -426,6 +426,11 @@ class DiT(nn.Module):
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @property
+    def returned_channels(self) -> int:
+        """Channels `__call__` returns: all of the final layer's (SiT keeps the first C)."""
+        return self.out_channels
+
+    @property
     def grid_size(self) -> Tuple[int, int]:
         h, w = _pair(self.input_size)
         p = self.patch_size

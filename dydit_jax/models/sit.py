@@ -32,8 +32,13 @@ class SiT(DiT):
                                complete=complete, gumbel_noise=gumbel_noise)
         if self.dynamic:
             out, aux = out
-            return out[..., :self.in_channels], aux
-        return out[..., :self.in_channels]
+            return out[..., :self.returned_channels], aux
+        return out[..., :self.returned_channels]
+
+    @property
+    def returned_channels(self) -> int:
+        """The prediction's C channels (the learned-sigma half is dropped)."""
+        return self.in_channels
 
     def forward_full(self, x, t, y, train: bool = False, force_drop_ids=None,
                      complete: bool = False, gumbel_noise=None):
