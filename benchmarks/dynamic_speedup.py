@@ -1,5 +1,10 @@
 """Dynamic inference speedup: static DiT vs masked DyDiT vs the gathered engine, side by side.
 
+`--family sit` runs the same comparison for flow matching (DyDiT++): a dynamic SiT sampled with
+a fixed-grid ODE (`--method`, default Euler; `--steps` solver steps, CFG as the SiT release),
+static/masked = `make_flow_sample_fn(..., complete=True/False)`, engine = `FlowEngine`; router
+calibration then runs on the solver's times (`engine.solver_times`) instead of DDIM timesteps.
+
 One process, one model per (config, dtype), random weights (latent 32x32x4, 1000 classes).
 For every batch size, interleaved rounds time, in order:
   static  - `make_sample_fn(model, ..., complete=True)`: the plain DiT path (routers unused);
@@ -58,11 +63,13 @@ import numpy as np  # noqa: E402
 
 from dydit_jax import flops  # noqa: E402
 from dydit_jax.diffusion import create_diffusion  # noqa: E402
-from dydit_jax.engine import Engine, WidthPlan  # noqa: E402
+from dydit_jax.engine import Engine, FlowEngine, WidthPlan, solver_times  # noqa: E402
 from dydit_jax.engine.plan import schedule_timesteps  # noqa: E402
 from dydit_jax.models import DiT_models  # noqa: E402
 from dydit_jax.models.dit import DiT  # noqa: E402
-from dydit_jax.sampling import make_sample_fn  # noqa: E402
+from dydit_jax.models.sit import SiT_models  # noqa: E402
+from dydit_jax.sampling import make_flow_sample_fn, make_flow_solver, make_sample_fn  # noqa
+from dydit_jax.transport import create_transport  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CFG_SCALE = 4.0
@@ -72,8 +79,10 @@ def maxrss_kib() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def router_logits(model, variables, diffusion):
-    t = jnp.asarray(schedule_timesteps(diffusion), jnp.int32)
+def router_logits(model, variables, schedule):
+    """Width-router logits on a schedule: a diffusion's timesteps or a flow solver's times."""
+    t = schedule_timesteps(schedule)
+    t = jnp.asarray(t, jnp.float32 if t.dtype.kind == "f" else jnp.int32)
     head, group = model.apply(variables, t, method=DiT.width_logits)
     return np.asarray(head), np.asarray(group)  # [S, L, H-1]
 
@@ -94,14 +103,14 @@ def shifted(variables, head, group, f):
     return {"params": params}
 
 
-def calibrate(model, variables, diffusion, target, tol=0.005, iters=14):
-    head, group = router_logits(model, variables, diffusion)
+def calibrate(model, variables, schedule, target, tol=0.005, iters=14):
+    head, group = router_logits(model, variables, schedule)
     lo, hi = 0.0, 1.0
     best = None
     for _ in range(iters):
         f = 0.5 * (lo + hi)
         v = shifted(variables, head, group, f)
-        ratio = WidthPlan.build(model, v, diffusion).macs_ratio(model)
+        ratio = WidthPlan.build(model, v, schedule).macs_ratio(model)
         if best is None or abs(ratio - target) < abs(best[1] - target):
             best = (f, ratio, v)
         if abs(ratio - target) <= tol:
@@ -118,19 +127,28 @@ def timed(fn):
 
 def run_config(args, name, dtype_name, results, out_path, meta):
     dtype = DTYPES[dtype_name]
-    model = DiT_models[name](num_classes=1000, input_size=32, dynamic=True, dtype=dtype)
-    diffusion = create_diffusion(f"ddim{args.steps}")
+    flow = args.family == "sit"
+    presets = SiT_models if flow else DiT_models
+    name = name.replace("DiT", "SiT") if flow else name
+    model = presets[name](num_classes=1000, input_size=32, dynamic=True, dtype=dtype)
+    if flow:  # the solver's times are the schedule; num_steps counts grid points
+        transport = create_transport("Linear", "velocity")
+        flow_kw = dict(sampler="ode", method=args.method, num_steps=args.steps + 1)
+        schedule = solver_times(make_flow_solver(transport, **flow_kw), (32, 32, 4), False)[0]
+    else:
+        schedule = create_diffusion(f"ddim{args.steps}")
     rng = jax.random.PRNGKey(0)
     x = jnp.zeros((1, 32, 32, 4), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    variables = jax.jit(model.init)(jax.random.PRNGKey(args.seed), x, t, t)
+    t = jnp.zeros((1,), jnp.float32 if flow else jnp.int32)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(args.seed), x, t,
+                                    jnp.zeros((1,), jnp.int32))
     variables = {"params": variables["params"]}
     static_macs = flops.static_macs(model)["total"]
 
     plans = {}
     for p in args.plans:
         t0 = time.perf_counter()
-        f, ratio, v = calibrate(model, variables, diffusion, p / 100.0)
+        f, ratio, v = calibrate(model, variables, schedule, p / 100.0)
         print(f"[{name} {dtype_name}] plan {p}: fraction on {f:.3f}, exact macs ratio "
               f"{ratio:.3f} ({time.perf_counter() - t0:.1f}s)", flush=True)
         plans[p] = dict(f=f, exact_ratio=ratio, variables=v)
@@ -150,18 +168,29 @@ def run_config(args, name, dtype_name, results, out_path, meta):
 
         def build_sample_fn(v, complete):
             def build():
-                fn = make_sample_fn(model, diffusion, sampler="ddim", complete=complete)
+                if flow:
+                    fn = make_flow_sample_fn(model, transport, complete=complete, **flow_kw)
+                else:
+                    fn = make_sample_fn(model, schedule, sampler="ddim", complete=complete)
                 exe = fn.jitted.lower(v, rng, labels, cfg).compile()
                 return (lambda: exe(v, rng, labels, cfg)), 1, {}
             return build
 
         def build_engine(v, executor):
             def build():
-                eng = Engine(model, v, diffusion, sampler="ddim", grid=args.grid,
-                             executor=executor)
+                if flow:
+                    eng = FlowEngine(model, v, transport, grid=args.grid, **flow_kw)
+                    weights = eng.eval_counts / eng.eval_counts.sum()  # calls per plan time
+                    ratio = eng.macs_ratio(include_routers=True)
+                else:
+                    eng = Engine(model, v, schedule, sampler="ddim", grid=args.grid,
+                                 executor=executor)
+                    weights = np.full(eng.plan.num_steps, 1.0 / eng.plan.num_steps)
+                    ratio = eng.plan.macs_ratio(model, grid=args.grid)
                 n = eng.warmup(b)
-                extra = dict(macs_ratio=eng.plan.macs_ratio(model, grid=args.grid),
-                             compiled_macs_ratio=float(eng.step_macs().mean() / static_macs),
+                extra = dict(macs_ratio=ratio,
+                             compiled_macs_ratio=float((eng.step_macs() * weights).sum()
+                                                       / static_macs),
                              block_signatures=len(eng.buckets.block_signatures()))
                 return (lambda: eng.sample(rng, labels, CFG_SCALE)), n, extra
             return build
@@ -170,7 +199,7 @@ def run_config(args, name, dtype_name, results, out_path, meta):
         for p in args.plans:
             v = plans[p]["variables"]
             add(f"masked{p}", build_sample_fn(v, False))
-            for ex in args.executors:
+            for ex in (["fused"] if flow else args.executors):
                 add(f"{ex}{p}", build_engine(v, ex))
         for r in range(args.rounds):
             for key, var in variants.items():
@@ -191,6 +220,7 @@ def run_config(args, name, dtype_name, results, out_path, meta):
                 kind = key[: -len(str(p))]
             w, c = statistics.median(var["wall"]), statistics.median(var["cpu"])
             row = dict(model=name, dtype=dtype_name, batch=b, steps=args.steps, variant=kind,
+                       sampler=f"ode-{args.method}" if flow else "ddim",
                        plan=p, target_macs_ratio=None if p is None else p / 100.0,
                        fraction_on=None if p is None else plans[p]["f"],
                        macs_ratio=(1.0 if p is None else var.get("macs_ratio",
@@ -240,19 +270,29 @@ def main():
                     help="target whole-model MACs ratios, percent")
     ap.add_argument("--executors", nargs="+", default=["fused"], choices=["fused", "blocks"])
     ap.add_argument("--grid", default="exact", help='"exact" (default) only')
-    ap.add_argument("--steps", type=int, default=5, help="DDIM steps")
+    ap.add_argument("--family", default="dit", choices=["dit", "sit"],
+                    help="dit: DDIM on a DyDiT; sit: flow-matching ODE on a dynamic SiT")
+    ap.add_argument("--method", default="euler",
+                    help="--family sit: fixed-grid ODE method (euler, heun2, midpoint, rk4)")
+    ap.add_argument("--steps", type=int, default=5, help="DDIM steps / ODE solver steps")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results", "dynamic_speedup.json"))
+    ap.add_argument("--out", default=None,
+                    help="default: results/dynamic_speedup.json (_sit.json for --family sit)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                "dynamic_speedup" + ("_sit" if args.family == "sit" else "")
+                                + ".json")
     meta = dict(command="python " + " ".join(sys.argv),
                 date=datetime.datetime.utcnow().isoformat(timespec="seconds") + "Z",
                 environment=dict(jax=jax.__version__, backend=jax.default_backend(),
                                  devices=[str(d) for d in jax.devices()],
                                  cpu_count=os.cpu_count(), platform=platform.platform(),
                                  loadavg_start=os.getloadavg()),
-                cfg_scale=CFG_SCALE, sampler="ddim", steps=args.steps, grid=args.grid,
+                cfg_scale=CFG_SCALE, family=args.family,
+                sampler=f"ode-{args.method}" if args.family == "sit" else "ddim",
+                steps=args.steps, grid=args.grid,
                 peak_memory="ru_maxrss delta (process high-water mark), MiB")
     results = []
     for name in args.models:

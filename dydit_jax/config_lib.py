@@ -190,8 +190,11 @@ def imagenet_config(model_name: str, arg: str | None) -> ml_collections.ConfigDi
     channels = 4 if latent else 3
     c.model.update(name=model_name, input_size=size, in_channels=channels, num_classes=1000,
                    dtype=args.dtype, scan_layers=True, remat=True)
+    # Flips: pixel-space training flips images; latent shards from `mode=extract` already hold
+    # each image's flipped copy (extract.flip), and flipping a latent only approximates the
+    # flipped image's latent, so latents are not flipped again.
     c.data.update(name=args.data, image_size=size, channels=channels, num_classes=1000,
-                  random_flip=not latent, latent_flip=True, num_workers=8, prefetch=4)
+                  random_flip=not latent, latent_flip=False, num_workers=8, prefetch=4)
     if args.latents:
         c.data.path = args.latents
     c.train.update(batch_size=args.batch, num_steps=args.steps, init_from=args.init)

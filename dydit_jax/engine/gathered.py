@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dydit_jax.models.dit import (DiTBlock, _float_dtype, dot_product_attention,
-                                  gumbel_sigmoid_gate, layer_norm, modulate)
+from dydit_jax.models import dit
+from dydit_jax.models.dit import (DiTBlock, dot_product_attention, gumbel_sigmoid_gate,
+                                  layer_norm, modulate)
 
 Width = Dict[str, jax.Array]  # one block's slice of `plan.Buckets.arrays()`
 
@@ -93,34 +94,24 @@ def token_capacities(fractions: Sequence[float], rows: int) -> Tuple[int, ...]:
 # Model pieces through the model's own modules
 # ----------------------------------------------------------------------------------------------
 
-def _embed(m, x, t, y):
-    tokens = m.x_embedder(x.astype(m.dtype)) + m.pos_embed().astype(m.dtype)
-    return tokens, m.t_embedder(t) + m.y_embedder(y, train=False)
-
-
-def _final(m, tokens, c):
-    out = m.unpatchify(m.final_layer(tokens, c))[..., :m.returned_channels]
-    return out.astype(_float_dtype(m.dtype))
-
-
 def embed(model, rest, x, t, y):
-    """x [B, H, W, C], t [B], y [B] -> (tokens [B, N, D], c [B, D]), as `DiT.__call__`."""
-    return model.apply({"params": rest}, x, t, y, method=_embed)
+    """x [B, H, W, C], t [B], y [B] -> (tokens [B, N, D], c [B, D]) by `DiT.embed` (eval)."""
+    tokens, c, _ = model.apply({"params": rest}, x, t, y, method="embed")
+    return tokens, c
 
 
 def final(model, rest, tokens, c):
-    """tokens [B, N, D], c [B, D] -> output [B, H, W, C_out] (float32; a SiT's C channels)."""
-    return model.apply({"params": rest}, tokens, c, method=_final)
+    """tokens [B, N, D], c [B, D] -> output [B, H, W, C] by `DiT.head`, cut to the channels
+    the model's `__call__` returns (all for a DiT, the prediction's C for a SiT)."""
+    out = model.apply({"params": rest}, tokens, c, method="head")
+    return out[..., :model.returned_channels]
 
 
 def guide(out, cfg_scale, in_channels: int, guide_channels):
-    """`DiT.forward_with_cfg`'s combination. out: [2n, ...] rows [cond; uncond] -> the
-    conditional half [n, ...]: guided eps channels, then the cond rows' remaining channels."""
-    k = in_channels if guide_channels is None else guide_channels
-    eps, rest = out[..., :k], out[..., k:]
-    cond, uncond = jnp.split(eps, 2, axis=0)
-    guided = uncond + jnp.asarray(cfg_scale, eps.dtype) * (cond - uncond)
-    return jnp.concatenate([guided, rest[: cond.shape[0]]], axis=-1)
+    """`DiT.forward_with_cfg`'s combination (`dit.guide`), conditional half only. out: [2n, ...]
+    rows [cond; uncond] -> [n, ...]: guided eps channels, then the cond rows' other channels."""
+    guided, rest = dit.guide(out, cfg_scale, in_channels, guide_channels)
+    return jnp.concatenate([guided, rest[: guided.shape[0]]], axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------

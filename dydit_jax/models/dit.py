@@ -497,16 +497,27 @@ class DiT(nn.Module):
         x = x.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, gh * p, gw * p, c)
 
-    def __call__(self, x, t, y, train: bool = False, force_drop_ids=None,
-                 complete: bool = False, gumbel_noise=None):
-        self._check_inputs(x, t, y)
+    def embed(self, x, t, y, train: bool = False, force_drop_ids=None):
+        """x [B, H, W, C], t [B], y [B] -> (tokens [B, N, D], c [B, D], t_emb [B, D]): the
+        patch + position embedding and the conditioning c = t_emb + label embedding."""
         tokens = self.x_embedder(x.astype(self.dtype)) + self.pos_embed().astype(self.dtype)
         t_emb = self.t_embedder(t)
         c = t_emb + self.y_embedder(y, train=train, force_drop_ids=force_drop_ids)
+        return tokens, c, t_emb
+
+    def head(self, tokens, c):
+        """tokens [B, N, D], c [B, D] -> the final layer's output [B, H, W, C_out] (float32,
+        float64 for a float64 model)."""
+        return self.unpatchify(self.final_layer(tokens, c)).astype(_float_dtype(self.dtype))
+
+    def __call__(self, x, t, y, train: bool = False, force_drop_ids=None,
+                 complete: bool = False, gumbel_noise=None):
+        self._check_inputs(x, t, y)
+        tokens, c, t_emb = self.embed(x, t, y, train=train, force_drop_ids=force_drop_ids)
         complete = complete or not self.dynamic
         tokens, aux = self.run_blocks(tokens, c, t_emb, train=train, complete=complete,
                                       gumbel_noise=gumbel_noise)
-        out = self.unpatchify(self.final_layer(tokens, c)).astype(_float_dtype(self.dtype))
+        out = self.head(tokens, c)
         if not self.dynamic:
             return out
         return out, (None if complete else aux)
@@ -542,11 +553,7 @@ class DiT(nn.Module):
         combined = jnp.concatenate([half, half], axis=0)
         out = self(combined, t, y, complete=complete)
         out, aux = out if self.dynamic else (out, None)
-        k = self.in_channels if guide_channels is None else min(guide_channels,
-                                                                self.in_channels)
-        eps, rest = out[..., :k], out[..., k:]
-        cond, uncond = jnp.split(eps, 2, axis=0)
-        guided = uncond + jnp.asarray(cfg_scale, eps.dtype) * (cond - uncond)
+        guided, rest = guide(out, cfg_scale, self.in_channels, guide_channels)
         out = jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
         return (out, aux) if self.dynamic else out
 
@@ -561,6 +568,20 @@ class DiT(nn.Module):
             if jnp.ndim(v) != 1 or jnp.shape(v)[0] != x.shape[0]:
                 raise ValueError(f"DiT expects {name} of shape [B]={[x.shape[0]]}, got "
                                  f"{tuple(jnp.shape(v))}")
+
+
+def guide(out, cfg_scale, in_channels: int, guide_channels: Optional[int] = 3):
+    """Classifier-free guidance of a [cond; uncond] batch, as the release combines it.
+
+    out: [2n, ..., C_out], rows [0:n] conditional, [n:2n] unconditional. The first k =
+    min(guide_channels, in_channels) channels (all eps channels for None) are guided:
+    uncond + s * (cond - uncond). Returns (guided [n, ..., k], rest [2n, ..., C_out - k]: every
+    row's own remaining channels, unguided). Used by `DiT.forward_with_cfg` and the engine.
+    """
+    k = in_channels if guide_channels is None else min(guide_channels, in_channels)
+    eps, rest = out[..., :k], out[..., k:]
+    cond, uncond = jnp.split(eps, 2, axis=0)
+    return uncond + jnp.asarray(cfg_scale, eps.dtype) * (cond - uncond), rest
 
 
 # ----------------------------------------------------------------------------------------------
