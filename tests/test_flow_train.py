@@ -67,32 +67,75 @@ def test_sit_samples_from_the_workdir(trained_sit, sampler, method):
     assert os.path.getsize(f"{workdir}/samples/grid.png") > 100
 
 
-def test_dynamic_sit_runs_the_dydit_objective(trained_sit, tmp_path):
+@pytest.fixture(scope="module")
+def dynamic_sit(trained_sit, tmp_path_factory):
+    """DyDiT fine-tuning of the tiny SiT for 3 steps (stage 1, target ramp to 0.5)."""
     from dydit_jax import train
     _, sit_dir, _ = trained_sit
     config = tiny_config(f"lam=0.5,init={sit_dir},warmup=2")
     config.dynamic.hold_steps = 1
+    workdir = tmp_path_factory.mktemp("dynamic_sit")
+    train.train_and_evaluate(config, str(workdir))
+    return config, workdir
+
+
+def test_dynamic_sit_runs_the_dydit_objective(dynamic_sit):
+    from dydit_jax import train
+    config, workdir = dynamic_sit
     assert config.dynamic.enabled and config.train.num_steps == 3
     assert train.build_model(config).dynamic
-    train.train_and_evaluate(config, str(tmp_path))
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert [r["flops_target"] for r in records] == pytest.approx([1.0, 1.0, 0.75])
     for r in records:
         assert 0 < r["flops_ratio"] <= 1.0 and len(r["head_width"]) == 2
         assert np.isfinite(r["loss"]) and np.isfinite(r["loss_complete"])
         np.testing.assert_allclose(
             r["loss"], r["loss_dynamic"] + r["loss_complete"] + r["loss_flops"], rtol=1e-5)
-    # Sample-mode wiring of the gathered engine for flow models (FlowEngine; its exactness
-    # with routers that switch is tested in test_engine_flow.py): same samples as the masked path.
+
+
+def test_dynamic_sit_samples_with_the_gathered_engine(dynamic_sit):
+    """Sample-mode wiring of the gathered engine for flow models (FlowEngine; its exactness
+    with routers that switch is tested in test_engine_flow.py): same samples as the masked
+    path; an adaptive solver is refused."""
     from dydit_jax import generate
+    config, workdir = dynamic_sit
+    config = config.copy_and_resolve_references()
     config.transport.update(sampler="ode", method="heun2")
-    masked = generate.sample_from_workdir(config, str(tmp_path))
+    masked = generate.sample_from_workdir(config, str(workdir))
     config.sample.engine = "gathered"
-    gathered = generate.sample_from_workdir(config, str(tmp_path))
+    gathered = generate.sample_from_workdir(config, str(workdir))
     np.testing.assert_allclose(gathered, masked, atol=1e-5, rtol=1e-5)
     config.transport.method = "dopri5"
     with pytest.raises(ValueError, match="adaptive"):
-        generate.sample_from_workdir(config, str(tmp_path))
+        generate.sample_from_workdir(config, str(workdir))
+
+
+def test_flow_models_evaluate_masked_and_gathered(dynamic_sit, tmp_path, monkeypatch):
+    """mode=evaluate on a flow model: SDE samples in chunks, metrics from the (stand-in)
+    Inception; the gathered engine writes the same samples as the masked path."""
+    import shutil
+    from dydit_jax import evaluate, main
+    from test_evaluate import TinyFeatures
+    features = TinyFeatures()
+    stand_in = (features, features.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3), np.uint8)))
+    monkeypatch.setattr(evaluate, "load_feature_model", lambda config: stand_in)
+    config, workdir = dynamic_sit
+    chunks = {}
+    for engine in ("masked", "gathered"):
+        run = tmp_path / engine
+        shutil.copytree(workdir, run)
+        config = config.copy_and_resolve_references()
+        config.mode = "evaluate"
+        config.transport.update(sampler="sde", method="euler")
+        config.sample.engine = engine
+        config.evaluate.update(num_samples=16, chunk_size=16, batch_size=8, cfg_scale=1.5,
+                               inception_path="unused-stand-in.npz")
+        result = main.run(config, str(run))
+        assert np.isfinite(result["metrics"]["fid"]) and result["sampled_chunks"] == [0]
+        with np.load(run / "eval" / "chunk_00000.npz") as f:
+            chunks[engine] = f["arr_0"]
+    # uint8 images: the float samples agree to 1e-5, so at most a rounding step apart
+    assert np.abs(chunks["gathered"].astype(int) - chunks["masked"].astype(int)).max() <= 1
 
 
 def test_flow_sampler_cfg_layout_and_one_compile():
