@@ -23,6 +23,11 @@ the trained SiT: lam (> 0: the FLOPs ratio to reach), init (its workdir), warmup
 
 (the recipe of configs/digits_dydit.py: 800 steps at lr 3e-4, stage 1, target 1.0 for 100
 steps then a ramp to lam over `warmup` steps; the flow-matching loss replaces the ADM one).
+Expected (measured, 3.5 min on a quiet 2-core CPU after 6.7 min for the SiT): FLOPs ratio 0.505
+at step 800 (target 0.5), velocity loss 0.232 (complete model 0.222); the last block's token
+router keeps ~22 % of the tokens. The EMA lags the ramp (noise-free ratio 0.73 vs 0.50 for the
+raw parameters): sample with `--config.sample.use_ema=False`, through the engine with
+`--config.sample.engine=gathered` (fixed-grid solvers only).
 """
 import importlib.util
 import os

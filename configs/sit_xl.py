@@ -15,9 +15,9 @@ ODE) after 7M steps at batch 256 (`steps=7000000`); sample the 50K images with
 with the evaluation tooling. Not reproduced here (no TPU/ImageNet in CI).
 
 Dynamic SiT-XL/2 (lambda = 0.5), fine-tuned from the official SiT-XL/2 (SiT has DiT's
-parameters, so the DiT converter reads its checkpoint):
+parameters and names, so the converter reads its checkpoint):
 
-    python -m dydit_jax.convert --checkpoint SiT-XL-2-256x256.pt --model DiT-XL/2 --out sit_xl2
+    python -m dydit_jax.convert --checkpoint SiT-XL-2-256x256.pt --model SiT-XL/2 --out sit_xl2
     python -m dydit_jax.main --config=configs/sit_xl.py:lam=0.5,init=sit_xl2,latents=LATENTS \
         --workdir=gs://BUCKET/runs/dysit_xl_0.5 --config.mesh.fsdp=8
 

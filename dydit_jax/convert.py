@@ -16,6 +16,9 @@ the unexpected keys and each shape mismatch with the expected and found shapes.
 Command line: write an orbax checkpoint so TPU runs never need torch:
     python -m dydit_jax.convert --checkpoint DiT-XL-2-256x256.pt --model DiT-XL/2 \
         --image-size 256 --out /path/to/converted
+SiT checkpoints (flow matching: DiT's parameters under the same names) take their own names,
+`--model SiT-XL/2`, and are checked against a SiT. `--dynamic` builds the DyDiT version of
+either, for checkpoints with routers (a plain checkpoint then gets fresh routers, logged).
 """
 from __future__ import annotations
 
@@ -243,7 +246,8 @@ def _match(state: Dict[str, np.ndarray], model: DiT, allow_missing: Optional[str
     if missing or unexpected or mismatched:
         hint = ""
         if any(".attn_rate.router" in k or ".token_selection." in k for k in unexpected):
-            hint = "the checkpoint has DyDiT routers: build the model with dynamic=True."
+            hint = ("the checkpoint has DyDiT routers: build the model with dynamic=True "
+                    "(the command line's --dynamic).")
         if any(k.endswith(("attn_rate.router.weight", "mlp_rate.router.weight"))
                and found[0] == model.num_heads for k, _, found in mismatched):
             hint = ("the routers have num_heads outputs, not num_heads - 1: this is the older "
@@ -336,25 +340,33 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help=".pt, .safetensors or .npz file")
-    parser.add_argument("--model", default="DiT-XL/2", help="DiT-{S,B,L,XL}/{2,4,8}")
+    parser.add_argument("--model", default="DiT-XL/2",
+                        help="DiT-{S,B,L,XL}/{2,4,8} or SiT-{S,B,L,XL}/{2,4,8}")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--latent-downsample", type=int, default=8,
                         help="VAE downsampling factor: input_size = image_size / this")
     parser.add_argument("--in-channels", type=int, default=4)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--no-learn-sigma", action="store_true")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="a DyDiT checkpoint: the model gets head, MLP-group and token "
+                             "routers (fresh ones where the checkpoint has none)")
     parser.add_argument("--which", default="ema", choices=["ema", "model"])
     parser.add_argument("--out", required=True, help="output directory of the orbax checkpoint")
     args = parser.parse_args(argv)
 
     from dydit_jax.models.dit import dit_config
-    model = DiT(input_size=args.image_size // args.latent_downsample,
+    from dydit_jax.models.sit import SiT, sit_config
+    cls, sizes = ((SiT, sit_config(args.model)) if args.model.startswith("SiT")
+                  else (DiT, dit_config(args.model)))
+    model = cls(input_size=args.image_size // args.latent_downsample,
                 in_channels=args.in_channels, num_classes=args.num_classes,
-                learn_sigma=not args.no_learn_sigma, **dit_config(args.model))
+                learn_sigma=not args.no_learn_sigma, dynamic=args.dynamic, **sizes)
     variables = from_pytorch(args.checkpoint, model, which=args.which)
     save_params(args.out, variables["params"])
     n = sum(x.size for x in jax.tree_util.tree_leaves(variables))
-    print(f"converted {args.checkpoint} ({n / 1e6:.2f}M parameters) -> {args.out}")
+    print(f"converted {args.checkpoint} ({type(model).__name__}"
+          f"{', dynamic' if args.dynamic else ''}, {n / 1e6:.2f}M parameters) -> {args.out}")
 
 
 if __name__ == "__main__":

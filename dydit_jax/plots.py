@@ -6,6 +6,11 @@
 writes `plots/width_heatmap.png` (active heads and MLP groups of every block for t = 0..T-1)
 and `plots/token_masks.png` (which tokens of a few samples run the MLP, per block, at a few
 timesteps along a sampling trajectory's noise levels).
+
+Flow-matching models (`config.transport.enabled`, a dynamic SiT) have a continuous time
+t in [0, 1] with t = 0 the noise and t = 1 the data: the heat map then spans a dense grid of
+[0, 1] and the token masks are those of points x_t of the transport's path between a noise
+draw and the data, at a few t in (0, 1).
 """
 from __future__ import annotations
 
@@ -16,6 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dydit_jax.models.dit import gumbel_sigmoid_gate
+from dydit_jax.transport import Transport
+
+# Times of the token-mask figure: ADM timesteps (0 = clean) and flow times (1 = data).
+DIFFUSION_TIMES = (50, 250, 500, 750, 950)
+FLOW_TIMES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 def width_masks_over_t(model, params, timesteps):
@@ -30,36 +40,65 @@ def width_masks_over_t(model, params, timesteps):
     return masks(head_logits), masks(group_logits)
 
 
-def plot_width_heatmap(model, params, path: str, num_timesteps: int = 1000):
+def heatmap_times(num_timesteps: int = 1000, flow: bool = False) -> np.ndarray:
+    """The heat map's t axis: the ADM's integer timesteps 0..T-1, or for a flow model
+    `num_timesteps` points spanning its continuous time [0, 1] (float32, as its samplers
+    pass t)."""
+    if flow:
+        return np.linspace(0.0, 1.0, num_timesteps, dtype=np.float32)
+    return np.arange(num_timesteps)
+
+
+def plot_width_heatmap(model, params, path: str, num_timesteps: int = 1000,
+                       flow: bool = False):
+    """Active heads and MLP groups per block over t (`heatmap_times`). Returns the times and
+    the masks plotted: (t [T], head masks [T, L, H], group masks [T, L, H])."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = np.arange(num_timesteps)
+    t = heatmap_times(num_timesteps, flow)
     heads, groups = width_masks_over_t(model, params, t)
     fig, axes = plt.subplots(2, 1, figsize=(10, 1.2 + 0.35 * model.depth * 2), sharex=True)
     for ax, masks, name in ((axes[0], heads, "attention heads"), (axes[1], groups, "MLP groups")):
         active = masks.sum(-1).T  # [L, T]
         im = ax.imshow(active, aspect="auto", cmap="viridis", vmin=1, vmax=model.num_heads,
-                       extent=(0, num_timesteps - 1, model.depth - 0.5, -0.5),
+                       extent=(t[0], t[-1], model.depth - 0.5, -0.5),
                        interpolation="nearest")
         ax.set_ylabel("block")
         ax.set_title(f"active {name} (of {model.num_heads})")
         fig.colorbar(im, ax=ax)
-    axes[1].set_xlabel("diffusion timestep t (0 = clean, noise grows to the right)")
+    axes[1].set_xlabel("flow time t (0 = noise, 1 = data)" if flow else
+                       "diffusion timestep t (0 = clean, noise grows to the right)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return heads, groups
+    return t, heads, groups
 
 
-def plot_token_masks(model, params, diffusion, images, labels, path: str,
-                     timesteps=(50, 250, 500, 750, 950), seed: int = 0):
-    """Token masks of every block for noisy versions x_t of `images` (NHWC in [-1, 1])."""
+def noisy_images(process, images, t, rng):
+    """x_t of the data `images` at times t [B]: the ADM diffusion's `q_sample` (integer t), or
+    for a flow `Transport` its path between a noise draw x0 and the data x1 (float t)."""
+    if isinstance(process, Transport):
+        x0 = jax.random.normal(rng, images.shape, images.dtype)
+        return process.path_sampler.compute_xt(t, x0, images)
+    return process.q_sample(images, t, rng=rng)
+
+
+def plot_token_masks(model, params, process, images, labels, path: str, timesteps=None,
+                     seed: int = 0):
+    """Token masks of every block for noisy versions x_t of `images` (NHWC in [-1, 1]).
+
+    `process`: the ADM diffusion or a flow model's transport (`noisy_images`); `timesteps`
+    default to `DIFFUSION_TIMES` or `FLOW_TIMES`.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    flow = isinstance(process, Transport)
+    if timesteps is None:
+        timesteps = FLOW_TIMES if flow else DIFFUSION_TIMES
     gh, gw = model.grid_size
     n, depth = len(images), model.depth
     fig, axes = plt.subplots(n * len(timesteps), depth + 1,
@@ -67,8 +106,8 @@ def plot_token_masks(model, params, diffusion, images, labels, path: str,
     axes = np.asarray(axes).reshape(n * len(timesteps), depth + 1)
     rng = jax.random.PRNGKey(seed)
     for j, t_orig in enumerate(timesteps):
-        t = jnp.full((n,), t_orig, jnp.int32)
-        x_t = diffusion.q_sample(jnp.asarray(images), t, rng=jax.random.fold_in(rng, j))
+        t = jnp.full((n,), t_orig, jnp.float32 if flow else jnp.int32)
+        x_t = noisy_images(process, jnp.asarray(images), t, jax.random.fold_in(rng, j))
         _, aux = model.apply({"params": params}, x_t, t, jnp.asarray(labels))
         token = np.asarray(aux["token_masks"]).reshape(n, depth, gh, gw)
         for i in range(n):
@@ -83,13 +122,18 @@ def plot_token_masks(model, params, diffusion, images, labels, path: str,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return timesteps
 
 
 def plot_from_workdir(config, workdir: str):
-    """The mode `plot`: both figures for the workdir's latest (EMA) parameters."""
+    """The mode `plot`: both figures for the workdir's latest (EMA) parameters.
+
+    Returns what was plotted: {"width_t", "head_masks", "group_masks"} of the heat map and
+    "token_t", the times of the token masks.
+    """
     from dydit_jax import data as data_lib
     from dydit_jax.generate import load_sampling_params
-    from dydit_jax.train import build_diffusion, build_model
+    from dydit_jax.train import build_diffusion, build_model, build_transport
 
     model = build_model(config)
     if not model.dynamic:
@@ -97,12 +141,18 @@ def plot_from_workdir(config, workdir: str):
     params = load_sampling_params(config, workdir, model)
     out = os.path.join(workdir, "plots")
     os.makedirs(out, exist_ok=True)
-    diffusion = build_diffusion(config)
-    plot_width_heatmap(model, params, os.path.join(out, "width_heatmap.png"),
-                       diffusion.num_timesteps)
+    flow = config.transport.enabled
+    if flow:
+        process, num_timesteps = build_transport(config), 1000
+    else:
+        process = build_diffusion(config)
+        num_timesteps = process.num_timesteps
+    width_t, heads, groups = plot_width_heatmap(
+        model, params, os.path.join(out, "width_heatmap.png"), num_timesteps, flow=flow)
     source = data_lib.create_source(config.data, local_batch_size=2)
     batch = source.next()
     source.close()
-    plot_token_masks(model, params, diffusion, batch["image"], batch["label"],
-                     os.path.join(out, "token_masks.png"))
+    token_t = plot_token_masks(model, params, process, batch["image"], batch["label"],
+                               os.path.join(out, "token_masks.png"))
     print(f"wrote {out}/width_heatmap.png and {out}/token_masks.png")
+    return dict(width_t=width_t, head_masks=heads, group_masks=groups, token_t=token_t)

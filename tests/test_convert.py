@@ -130,6 +130,33 @@ def test_cli_end_to_end(tmp_path, state_dict):
     assert_same_tree(load_params(str(tmp_path / "ck"), target=params), params)
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_cli_converts_sit_checkpoints(tmp_path, capsys, dynamic):
+    """`--model SiT-S/8` (with `--dynamic`: a DyDiT checkpoint, routers included) builds a SiT;
+    the written params give it the outputs of `from_pytorch` into that SiT."""
+    from dydit_jax.models.sit import SiT, sit_config
+    model = SiT(input_size=8, in_channels=4, num_classes=10, dynamic=dynamic,
+                **sit_config("SiT-S/8"))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    t, y = np.array([0.1, 0.8], np.float32), np.array([3, 7], np.int32)
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), x, t, y)["params"]
+    torch.save(to_torch_state_dict(params, model), tmp_path / "sit.pt")
+    convert.main(["--checkpoint", str(tmp_path / "sit.pt"), "--model", "SiT-S/8",
+                  "--image-size", "64", "--num-classes", "10", "--out", str(tmp_path / "ck")]
+                 + (["--dynamic"] if dynamic else []))
+    assert "(SiT" in capsys.readouterr().out
+    reference = convert.from_pytorch(tmp_path / "sit.pt", model)
+    loaded = load_params(str(tmp_path / "ck"), target=reference["params"])
+    assert_same_tree(loaded, params)  # routers too: read from the checkpoint, not fresh
+    out = model.apply({"params": loaded}, x, t, y)
+    want = model.apply(reference, x, t, y)
+    if dynamic:
+        (out, _), (want, _) = out, want
+    assert out.shape == x.shape  # SiT's C prediction channels of the 2C (learn_sigma)
+    np.testing.assert_array_equal(out, want)
+
+
 def to_torch_state_dict(params, model):
     """Inverse mapping (ours -> release names and layouts), used to test round trips."""
     from flax import traverse_util
