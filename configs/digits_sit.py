@@ -27,7 +27,7 @@ Expected (measured, 3.5 min on a quiet 2-core CPU after 6.7 min for the SiT): FL
 at step 800 (target 0.5), velocity loss 0.232 (complete model 0.222); the last block's token
 router keeps ~22 % of the tokens. The EMA lags the ramp (noise-free ratio 0.73 vs 0.50 for the
 raw parameters): sample with `--config.sample.use_ema=False`, through the engine with
-`--config.sample.engine=gathered` (fixed-grid solvers only).
+`--config.sample.engine=gathered`.
 """
 import importlib.util
 import os

@@ -75,9 +75,13 @@ def engine_sample_fn(config, model, params, mesh, sampler: str, num_steps: int,
         tc = config.transport
         engine = FlowEngine(model, {"params": params}, build_transport(config),
                             sampler=tc.sampler, method=tc.method, num_steps=tc.num_steps,
-                            diffusion_form=tc.diffusion_form, diffusion_norm=tc.diffusion_norm,
+                            atol=tc.atol, rtol=tc.rtol, diffusion_form=tc.diffusion_form,
+                            diffusion_norm=tc.diffusion_norm,
                             last_step=tc.last_step, last_step_size=tc.last_step_size, **common)
         ratio = engine.macs_ratio()
+        if engine.adaptive:
+            print(f"gathered engine: adaptive {tc.method}: widths decided on device per model "
+                  f"call; FLOPs ratio estimated on its {tc.num_steps} saved points")
     else:
         respacing = f"ddim{num_steps}" if sampler == "ddim" else str(num_steps)
         engine = Engine(model, {"params": params}, build_diffusion(config, respacing),

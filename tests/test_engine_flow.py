@@ -3,9 +3,9 @@ sampled with fixed-grid ODE and SDE solvers, plans for continuous time.
 
 Exactness: the engine's samples equal the masked sampler's (`sampling.make_flow_sample_fn`,
 the release's path) at float32 atol = rtol = 1e-5, for ODE (Euler, Heun, RK4) and SDE
-(Euler-Maruyama with the "Mean" last step, stochastic Heun) with CFG, on 1 and 8 devices; one
-executable per batch size whatever the number of solver times, nothing recompiled for new seeds,
-labels or CFG scales.
+(Euler-Maruyama with the "Mean" last step, stochastic Heun) with CFG, on 1 and 8 devices, and
+for the adaptive dopri5 (widths decided on device) at 5e-5; one executable per batch size
+whatever the number of solver times, nothing recompiled for new seeds, labels or CFG scales.
 
 The test model is a tiny SiT with random weights everywhere (DiT's zero-initialised adaLN and
 final layer too, so the velocity is not 0) and width routers scaled so that their logits move
@@ -118,10 +118,23 @@ def test_flow_plan_masks_persistence_and_checks(sit, tmp_path):
         WidthPlan.build(model, variables, np.arange(21)).check(model, variables, times)
 
 
-def test_adaptive_methods_are_refused_with_a_reason(sit, transport):
+def test_widths_decided_on_device_equal_the_plan(sit):
+    """`gathered.routed_widths` (adaptive solvers) gives, at any t, the plan's row for t."""
+    from dydit_jax.engine import gathered
     model, variables = sit
-    with pytest.raises(ValueError, match="adaptive.*fixed-grid"):
-        FlowEngine(model, variables, transport, sampler="ode", method="dopri5")
+    times = np.concatenate([time_grid(0.0, 1.0, 13), np.float32([0.123456, 0.987654])])
+    buckets = WidthPlan.build(model, variables, times).bucketize(COARSE)
+    rest, _ = gathered.split_params(model, variables)
+    blocks = gathered.stacked_blocks(model, variables)
+    route = jax.jit(lambda t: gathered.routed_widths(model, rest, blocks, t, buckets.sizes))
+    for s, t in enumerate(times):
+        widths = route(jnp.float32(t))
+        for name, expected in buckets.arrays().items():
+            np.testing.assert_array_equal(widths[name], expected[s], err_msg=f"{name} t={t}")
+
+
+def test_unknown_methods_are_refused(sit, transport):
+    model, variables = sit
     with pytest.raises(ValueError, match="unknown ode method"):
         FlowEngine(model, variables, transport, sampler="ode", method="rk45")
 
@@ -143,6 +156,23 @@ def test_flow_engine_equals_masked_sampler(sit, transport, sampler, method):
     complete = masked_samples(model, variables, transport, sampler, method, complete=True)
     assert np.abs(complete - ref).max() > 100 * TOL["atol"]
     assert 0.5 < eng.macs_ratio() < 0.95
+
+
+def test_adaptive_ode_equals_masked_sampler(sit, transport):
+    """dopri5 (diffrax, the release's default ODE): widths decided on device per model call,
+    the doubled CFG state carried as the release does. Tolerance 5e-5: the step-size
+    controller turns the two programs' float32 rounding differences (~5e-7, the fixed-grid
+    runs above) into slightly different steps; the complete model differs by ~3e-2."""
+    model, variables = sit
+    eng = FlowEngine(model, variables, transport, sampler="ode", method="dopri5",
+                     num_steps=STEPS, grid=COARSE, token_capacities=(0.5, 1.0))
+    assert eng.adaptive and eng.warmup(len(LABELS)) == 1
+    x1 = np.asarray(eng.sample(jax.random.PRNGKey(0), LABELS, 3.0))
+    ref = masked_samples(model, variables, transport, "ode", "dopri5")
+    np.testing.assert_allclose(x1, ref, atol=5e-5, rtol=5e-5)
+    complete = masked_samples(model, variables, transport, "ode", "dopri5", complete=True)
+    assert np.abs(complete - ref).max() > 100 * 5e-5
+    assert eng.compile_count == 1
 
 
 def test_flow_engine_without_tokens_and_guidance(transport):
@@ -190,7 +220,10 @@ def test_flow_engine_compiles_once_whatever_the_number_of_times(sit, transport):
 # ----------------------------------------------------------------------------------------------
 
 def test_flow_engine_on_a_mesh_of_8_devices(sit, transport, tmp_path):
-    """Batch split over 8 devices: SDE (Heun) samples equal the masked sampler's on 1 device."""
+    """Batch split over 8 devices: SDE (Heun) samples equal the masked sampler's on 1 device;
+    adaptive ODE (dopri5, doubled CFG state) samples equal the masked sampler's on the same
+    mesh (the solver's error norm is a cross-device sum: the masked sampler itself moves by
+    ~7e-4 between 1 and 8 devices, as its step sizes follow the summation order)."""
     model, variables = sit
     np.save(tmp_path / "ref.npy", masked_samples(model, variables, transport, "sde", "Heun"))
     code = f"""
@@ -209,6 +242,16 @@ eng = FlowEngine(model, variables, create_transport("Linear", "velocity"), sampl
 x1 = eng.sample(jax.random.PRNGKey(0), LABELS, 3.0)
 assert x1.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 4), x1.sharding
 np.testing.assert_allclose(x1, np.load({str(tmp_path / "ref.npy")!r}), **TOL)
+eng = FlowEngine(model, variables, create_transport("Linear", "velocity"), sampler="ode",
+                 method="dopri5", num_steps=STEPS, grid=COARSE, token_capacities=(0.5, 1.0),
+                 mesh=mesh)
+x1 = eng.sample(jax.random.PRNGKey(0), LABELS, 3.0)
+assert x1.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 4), x1.sharding
+from dydit_jax.sampling import make_flow_sample_fn, sample_shardings
+ref = make_flow_sample_fn(model, create_transport("Linear", "velocity"), sampler="ode",
+                          method="dopri5", num_steps=STEPS, **sample_shardings(mesh))(
+    variables, jax.random.PRNGKey(0), LABELS, 3.0)
+np.testing.assert_allclose(x1, ref, atol=5e-5, rtol=5e-5)
 print("OK")
 """
     assert "OK" in run_python(code, devices=8).stdout

@@ -10,8 +10,8 @@
   on the schedule's timesteps; save/load; cached per (parameters, schedule)) and `Buckets`.
 - `gathered`: the forward pass that gathers active heads, groups and kept tokens.
 - `sampler`: `Engine` (DDPM/DDIM, CFG, mesh, executable cache with a compile counter).
-- `flow`: `FlowEngine` (a dynamic SiT's fixed-grid ODE / SDE samplers; plans for the solver's
-  continuous times).
+- `flow`: `FlowEngine` (a dynamic SiT's ODE / SDE samplers; plans for the fixed-grid solvers'
+  continuous times, widths decided on device for adaptive ones).
 """
 from dydit_jax.engine.plan import Buckets, WidthPlan, bucket_sizes, get_plan
 from dydit_jax.engine.sampler import (DEFAULT_CAPACITIES, Engine, ExecutableCache,

@@ -20,9 +20,13 @@ often each is evaluated (for the cost). Inside the executable the model function
 width row up by t (the nearest plan time; the solver's times are plan times, and an ulp of
 difference from another fusion of the same arithmetic still finds the right row).
 
-Adaptive ODE methods (dopri5, ...) choose their times from the error estimate while they run, so
-no plan can exist before the solve; the engine refuses them (fixed-grid methods or the masked
-path). Executor: "fused" only (the solver's `lax.scan` is the step loop).
+Adaptive ODE methods (dopri5, the release's default, ...) choose their times from the error
+estimate while they run, so no plan can exist before the solve. For them the widths are decided
+on device at every model call (`gathered.routed_widths`: the width routers on t_embedder(t),
+the masked path's gate, then the same bucket indices a plan row holds): the same executable
+shape (a `lax.switch` per block over the bucket grid), one compile, exact; the plan then only
+describes the saved-points grid (`macs_ratio` is an estimate there). Executor: "fused" only
+(the solver's loop is the step loop).
 
 Classifier-free guidance is the release's (z duplicated, labels [y; null], the conditional half
 returned); the engine carries only the B conditional rows, the masked sampler 2B. The SDE draws
@@ -38,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dydit_jax import flops
+from dydit_jax.engine import gathered
 from dydit_jax.engine.plan import Grid, WidthPlan
 from dydit_jax.engine.sampler import DEFAULT_CAPACITIES, Engine, _pair
 from dydit_jax.sampling import canonical_flow_method, make_flow_solver
@@ -80,9 +85,10 @@ class FlowEngine(Engine):
     :param variables: its variables `{"params": ...}` (or the bare params).
     :param transport: `create_transport(...)` (the model's path and prediction).
     :param sampler: "ode" or "sde". :param method: ode: "euler", "heun2", "midpoint",
-        "heun3", "rk4" (fixed grid only, see the module docstring); sde: "Euler" or "Heun".
-    :param num_steps, diffusion_form, diffusion_norm, last_step, last_step_size: as in
-        `sampling.make_flow_sample_fn`.
+        "heun3", "rk4" (planned) or "dopri5", ... (adaptive: widths decided on device, see the
+        module docstring); sde: "Euler" or "Heun".
+    :param num_steps, atol, rtol, diffusion_form, diffusion_norm, last_step, last_step_size: as
+        in `sampling.make_flow_sample_fn`.
     :param grid, token_capacities, use_cfg, guide_channels, latent_shape, mesh, batch_axes,
         plan_dir, compilation_cache_dir: as in :class:`Engine`.
     :param plan: a `WidthPlan` of the solver's times (checked); default: built (and cached in
@@ -90,7 +96,8 @@ class FlowEngine(Engine):
     """
 
     def __init__(self, model, variables, transport, *, sampler: str = "ode",
-                 method: str = "euler", num_steps: int = 50, diffusion_form: str = "sigma",
+                 method: str = "euler", num_steps: int = 50, atol: float = 1e-6,
+                 rtol: float = 1e-3, diffusion_form: str = "sigma",
                  diffusion_norm: float = 1.0, last_step: Optional[str] = "Mean",
                  last_step_size: float = 0.04, use_cfg: bool = True,
                  guide_channels: Optional[int] = 3, grid: Grid = "exact",
@@ -100,21 +107,20 @@ class FlowEngine(Engine):
         from dydit_jax.transport import ADAPTIVE_METHODS
 
         method = canonical_flow_method(sampler, method)
-        if method in ADAPTIVE_METHODS:
-            raise ValueError(
-                f"the engine cannot plan the adaptive ODE method {method!r}: it chooses its "
-                "times while it solves, so the widths are not known ahead. Use a fixed-grid "
-                "method (euler, heun2, midpoint, heun3, rk4) or the masked path "
-                "(config.sample.engine=masked)")
         self.transport, self.sampler, self.method = transport, sampler, method
+        self.adaptive = method in ADAPTIVE_METHODS
         self.solve = make_flow_solver(
-            transport, sampler=sampler, method=method, num_steps=num_steps,
-            diffusion_form=diffusion_form, diffusion_norm=diffusion_norm, last_step=last_step,
-            last_step_size=last_step_size)
+            transport, sampler=sampler, method=method, num_steps=num_steps, atol=atol,
+            rtol=rtol, diffusion_form=diffusion_form, diffusion_norm=diffusion_norm,
+            last_step=last_step, last_step_size=last_step_size)
         if latent_shape is None:
             latent_shape = _pair(model.input_size) + (int(model.in_channels),)
-        times, self.eval_counts = solver_times(self.solve, latent_shape,
-                                               stochastic=sampler == "sde")
+        if self.adaptive:  # times unknown ahead: the plan describes the saved points only
+            times = np.asarray(self.solve.time_grid(np.float32))
+            self.eval_counts = np.ones(len(times), np.int64)
+        else:
+            times, self.eval_counts = solver_times(self.solve, latent_shape,
+                                                   stochastic=sampler == "sde")
         self._setup(model, variables, times, plan=plan, plan_dir=plan_dir, grid=grid,
                     token_capacities=token_capacities, executor="fused", mesh=mesh,
                     batch_axes=batch_axes, latent_shape=latent_shape, use_cfg=use_cfg,
@@ -135,13 +141,30 @@ class FlowEngine(Engine):
         z = jax.random.normal(k_z, (b,) + self.latent_shape, jnp.float32)
 
         def model_fn(x, t):
-            out, _ = self._model_out(rest, blocks, self._widths_at(plan, t[0]), x, t, labels,
-                                     cfg_scale)
+            if self.adaptive:
+                widths = gathered.routed_widths(self.model, rest, blocks, t[0],
+                                                self.buckets.sizes)
+            else:
+                widths = self._widths_at(plan, t[0])
+            out, _ = self._model_out(rest, blocks, widths, x, t, labels, cfg_scale)
             return out
 
+        if self.adaptive and self.use_cfg:
+            # An adaptive solver's step sizes come from an error norm over the whole state,
+            # which in the release's CFG is the doubled batch [x; x'] (x' follows the
+            # unconditional rows' unguided channels). Carry it too, so the steps are the same.
+            z = jnp.concatenate([z, z], axis=0)
+
+            def model_fn(x2, t2):  # noqa: F811  (the CFG form of the above)
+                widths = gathered.routed_widths(self.model, rest, blocks, t2[0],
+                                                self.buckets.sizes)
+                (cond, uncond), _ = self._model_out(rest, blocks, widths, x2[:b], t2[:b],
+                                                    labels, cfg_scale, both_halves=True)
+                return jnp.concatenate([cond, uncond], axis=0)
+
         kw = {"rng": k_sde} if self.sampler == "sde" else {}
-        xs = self.solve(z, model_fn, **kw)  # [num_steps, B, ...]; the last is the sample
-        return xs[-1].astype(jnp.float32), None
+        xs = self.solve(z, model_fn, **kw)  # [num_steps, rows, ...]; the last is the sample
+        return xs[-1][:b].astype(jnp.float32), None
 
     def _fused_forward(self, rest, blocks, plan, x, i, labels, cfg_scale):
         times = jnp.asarray(self.plan.timesteps, jnp.float32)
@@ -164,7 +187,9 @@ class FlowEngine(Engine):
                    include_routers: bool = False) -> float:
         """Whole-model MACs of one sampling run / the static model's (our counter): plan rows
         weighted by how often the solver evaluates them. grid "engine": the engine's buckets
-        (what it computes); None: the exact widths. The engine runs no width router."""
+        (what it computes); None: the exact widths. The planned engine runs no width router.
+        Adaptive solvers: an estimate, the mean over the saved-points grid (their own times
+        are only known during the solve)."""
         grid = self.grid if grid == "engine" else grid
         per_time = self.plan.step_macs(self.model, grid, token_counts, include_routers)
         weights = self.eval_counts / self.eval_counts.sum()

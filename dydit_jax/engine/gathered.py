@@ -107,11 +107,44 @@ def final(model, rest, tokens, c):
     return out[..., :model.returned_channels]
 
 
-def guide(out, cfg_scale, in_channels: int, guide_channels):
-    """`DiT.forward_with_cfg`'s combination (`dit.guide`), conditional half only. out: [2n, ...]
-    rows [cond; uncond] -> [n, ...]: guided eps channels, then the cond rows' other channels."""
+def guide(out, cfg_scale, in_channels: int, guide_channels, both_halves: bool = False):
+    """`DiT.forward_with_cfg`'s combination (`dit.guide`). out: [2n, ...] rows [cond; uncond]
+    -> the conditional half [n, ...]: guided eps channels, then the cond rows' other channels.
+    With `both_halves`: (that, the unconditional half: the same guided channels, then the
+    uncond rows' other channels), i.e. `forward_with_cfg`'s whole output in two halves."""
     guided, rest = dit.guide(out, cfg_scale, in_channels, guide_channels)
-    return jnp.concatenate([guided, rest[: guided.shape[0]]], axis=-1)
+    n = guided.shape[0]
+    cond = jnp.concatenate([guided, rest[:n]], axis=-1)
+    if not both_halves:
+        return cond
+    return cond, jnp.concatenate([guided, rest[n:]], axis=-1)
+
+
+def routed_widths(model, rest, blocks, t, sizes: Sequence[int]) -> Width:
+    """The width arrays of every block at one time t (traced scalar), decided on device.
+
+    For samplers whose times are not known ahead (adaptive ODE solvers): the width routers
+    run on `t_embedder(t)` (2 (H-1) x D MACs per block, nothing next to a block) and their
+    eval decision, sigmoid(logit / tau) > 0.5 as in the masked path, gives what a
+    `plan.Buckets` row holds: per block the indices active-first (stable), the active counts
+    (index 0 always on) and the buckets of `sizes`. blocks: stacked block params.
+    Returns a `Width` with a leading depth axis, as `blocks_forward` takes it.
+    """
+    t_emb = model.apply({"params": rest}, jnp.reshape(t, (1,)),
+                        method=lambda m, t: m.t_embedder(t))
+    blk = block_module(model)
+    head, group = jax.vmap(
+        lambda bp: blk.apply({"params": bp}, t_emb, method=DiTBlock.width_logits))(blocks)
+    table = jnp.asarray(sizes, jnp.int32)
+    out = {}
+    for name, logits in (("head", head[:, 0]), ("group", group[:, 0])):    # [L, H-1]
+        on = gumbel_sigmoid_gate(logits, DiTBlock.tau) > 0.5
+        mask = jnp.concatenate([jnp.ones_like(on[:, :1]), on], axis=-1)     # [L, H]
+        count = jnp.sum(mask, axis=-1).astype(jnp.int32)
+        out[f"{name}_order"] = jnp.argsort(~mask, axis=-1, stable=True).astype(jnp.int32)
+        out[f"{name}_count"] = count
+        out[f"{name}_bucket"] = jnp.searchsorted(table, count).astype(jnp.int32)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,13 +290,14 @@ def blocks_forward(model, blocks, x, c, widths: Width, sizes, capacities):
 
 
 def forward(model, rest, blocks, x, t, y, widths: Width, sizes, capacities,
-            cfg_scale=None, guide_channels=3):
+            cfg_scale=None, guide_channels=3, both_halves: bool = False):
     """The gathered model at one step for one device's rows. Returns (out, kept [L]).
 
     blocks: stacked block params; widths: the step's width arrays, [L, ...] each.
     Without `cfg_scale`: out = the model's output [B, H, W, C_out] for x, t, y [B].
     With `cfg_scale`: like `DiT.forward_with_cfg` on rows [x; x] with labels [y; null], t
-    duplicated, returning only the conditional half [B, ...] (guided eps channels first).
+    duplicated, returning only the conditional half [B, ...] (guided eps channels first), or
+    with `both_halves` the pair (conditional half, unconditional half) of `guide`.
     """
     if cfg_scale is not None:
         x = jnp.concatenate([x, x], axis=0)
@@ -273,10 +307,10 @@ def forward(model, rest, blocks, x, t, y, widths: Width, sizes, capacities,
     tokens, kept = blocks_forward(model, blocks, tokens, c, widths, sizes, capacities)
     out = final(model, rest, tokens, c)
     if cfg_scale is not None:
-        out = guide(out, cfg_scale, model.in_channels, guide_channels)
+        out = guide(out, cfg_scale, model.in_channels, guide_channels, both_halves)
     return out, kept
 
 
 __all__ = ["split_params", "stacked_blocks", "block_module", "token_capacities", "embed",
            "final", "guide", "gathered_attention", "gathered_mlp", "kept_first", "routed_mlp",
-           "block_forward", "blocks_forward", "forward"]
+           "block_forward", "blocks_forward", "forward", "routed_widths"]

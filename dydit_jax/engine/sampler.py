@@ -221,17 +221,21 @@ class Engine:
     def _spec(self):
         return P(self.batch_axes) if self.mesh is not None else None
 
-    def _model_out(self, rest, blocks, widths, x, t, y, cfg_scale):
+    def _model_out(self, rest, blocks, widths, x, t, y, cfg_scale, both_halves=False):
         """Gathered model output for x [B] at model timesteps t [B]: the guided conditional
-        half with CFG. Returns (out [B, ...], kept [L] summed over all devices' rows)."""
+        half with CFG (with `both_halves`, a pair: also the unconditional half, see
+        `gathered.guide`). Returns (out [B, ...], kept [L] summed over all devices' rows)."""
+        both_halves = both_halves and self.use_cfg
+
         def local(rest, blocks, widths, x, t, y, cfg_scale):
             out, kept = gathered.forward(
                 self.model, rest, blocks, x, t, y, widths, self.buckets.sizes,
                 self.capacities, cfg_scale=cfg_scale if self.use_cfg else None,
-                guide_channels=self.guide_channels)
+                guide_channels=self.guide_channels, both_halves=both_halves)
             return out, kept[None]
         r, b = P(), self._spec
-        out, kept = self._per_device(local, (r, r, r, b, b, b, r), (b, b))(
+        out, kept = self._per_device(local, (r, r, r, b, b, b, r),
+                                     ((b, b) if both_halves else b, b))(
             rest, blocks, widths, x, t, y, cfg_scale)
         return out, jnp.sum(kept, axis=0)
 
