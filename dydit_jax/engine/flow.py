@@ -29,9 +29,11 @@ describes the saved-points grid (`macs_ratio` is an estimate there). Executor: "
 (the solver's loop is the step loop).
 
 Classifier-free guidance is the release's (z duplicated, labels [y; null], the conditional half
-returned); the engine carries only the B conditional rows, the masked sampler 2B. The SDE draws
-its step noise for the state's rows: under partitionable threefry a [B, ...] draw equals the
-first B rows of the masked sampler's [2B, ...] draw.
+returned); the engine carries only the B conditional rows, the masked sampler 2B (except for
+adaptive solvers, whose step sizes depend on the whole state: there the engine carries 2B rows
+too, and computes the model once per pair). The SDE draws its step noise for the state's rows:
+under partitionable threefry a [B, ...] draw equals the first B rows of the masked sampler's
+[2B, ...] draw.
 """
 from __future__ import annotations
 
@@ -140,14 +142,10 @@ class FlowEngine(Engine):
         k_z, k_sde = jax.random.split(rng)
         z = jax.random.normal(k_z, (b,) + self.latent_shape, jnp.float32)
 
-        def model_fn(x, t):
+        def widths_at(t):  # t: a traced scalar
             if self.adaptive:
-                widths = gathered.routed_widths(self.model, rest, blocks, t[0],
-                                                self.buckets.sizes)
-            else:
-                widths = self._widths_at(plan, t[0])
-            out, _ = self._model_out(rest, blocks, widths, x, t, labels, cfg_scale)
-            return out
+                return gathered.routed_widths(self.model, rest, blocks, t, self.buckets.sizes)
+            return self._widths_at(plan, t)
 
         if self.adaptive and self.use_cfg:
             # An adaptive solver's step sizes come from an error norm over the whole state,
@@ -155,12 +153,14 @@ class FlowEngine(Engine):
             # unconditional rows' unguided channels). Carry it too, so the steps are the same.
             z = jnp.concatenate([z, z], axis=0)
 
-            def model_fn(x2, t2):  # noqa: F811  (the CFG form of the above)
-                widths = gathered.routed_widths(self.model, rest, blocks, t2[0],
-                                                self.buckets.sizes)
-                (cond, uncond), _ = self._model_out(rest, blocks, widths, x2[:b], t2[:b],
-                                                    labels, cfg_scale, both_halves=True)
+            def model_fn(x2, t2):
+                (cond, uncond), _ = self._model_out(rest, blocks, widths_at(t2[0]), x2[:b],
+                                                    t2[:b], labels, cfg_scale, both_halves=True)
                 return jnp.concatenate([cond, uncond], axis=0)
+        else:
+            def model_fn(x, t):
+                out, _ = self._model_out(rest, blocks, widths_at(t[0]), x, t, labels, cfg_scale)
+                return out
 
         kw = {"rng": k_sde} if self.sampler == "sde" else {}
         xs = self.solve(z, model_fn, **kw)  # [num_steps, rows, ...]; the last is the sample
