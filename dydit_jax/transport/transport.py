@@ -233,15 +233,26 @@ class Sampler:
 
     def get_sde_diffusion_and_drift(self, *, diffusion_form="SBDM", diffusion_norm=1.0):
         """``(sde_drift(x, t, model, **kw), diffusion(x, t))`` with
-        sde_drift = drift + diffusion * score."""
+        sde_drift = drift + diffusion * score.
+
+        The drift and the score are two functions of ONE model output at (x, t): the model is
+        evaluated once and both read it. The reference calls the model twice with the same
+        inputs (same values, twice the cost), and XLA does not merge the two calls (measured:
+        an SDE sampler compiled to 2.0x the FLOPs of the ODE sampler of the same grid).
+        """
         ps = self.transport.path_sampler
 
         def diffusion_fn(x, t):
             return ps.compute_diffusion(x, t, form=diffusion_form, norm=diffusion_norm)
 
         def sde_drift(x, t, model, **kwargs):
-            return self.drift(x, t, model, **kwargs) + diffusion_fn(x, t) * self.score(
-                x, t, model, **kwargs)
+            out = model(x, t, **kwargs)
+
+            def evaluated(x_, t_, **kw):  # the output at (x, t), computed above
+                return out
+
+            return self.drift(x, t, evaluated, **kwargs) + diffusion_fn(x, t) * self.score(
+                x, t, evaluated, **kwargs)
 
         return sde_drift, diffusion_fn
 
