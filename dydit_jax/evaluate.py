@@ -313,7 +313,8 @@ def sample_chunks(config, workdir: str, params=None) -> Tuple[List[str], List[in
         for j, start in enumerate(range(0, len(labels), batch)):
             part = labels[start:start + batch]
             y = global_array(padded(part, batch).astype(np.int32), batch_sharding)
-            x = sample(params, jax.random.fold_in(rng, j), y, ec.cfg_scale)
+            x = sampling.check_finite(sample(params, jax.random.fold_in(rng, j), y,
+                                             ec.cfg_scale), config)
             x = decode(x) if decode is not None else sampling.to_uint8(x)
             images.append(as_rgb(to_host(x)[:len(part)]))
             bar.update(len(part))

@@ -133,7 +133,7 @@ def sample_from_workdir(config, workdir: str, params=None) -> np.ndarray:
         padded = np.pad(chunk, (0, batch - len(chunk)), mode="edge")
         x = sample(params, jax.random.fold_in(rng, i), padded, sc.cfg_scale)
         chunks.append(np.asarray(jax.device_get(x))[:len(chunk)])
-    samples = np.concatenate(chunks)
+    samples = sampling.check_finite(np.concatenate(chunks), config)
 
     out_dir = os.path.join(workdir, "samples")
     if jax.process_index() == 0:

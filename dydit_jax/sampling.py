@@ -37,7 +37,7 @@ import numpy as np
 
 from dydit_jax.diffusion import split_loop_key
 
-__all__ = ["make_sample_fn", "make_flow_sample_fn", "sample_shardings", "to_uint8", "make_grid", "save_grid_png",
+__all__ = ["make_sample_fn", "make_flow_sample_fn", "check_finite", "sample_shardings", "to_uint8", "make_grid", "save_grid_png",
            "save_npz"]
 
 SAMPLERS = ("ddpm", "ddim")
@@ -295,6 +295,25 @@ def make_flow_sample_fn(
 
     return _jitted_sample_fn(sample_impl, counter, latent_shape, use_cfg, in_shardings,
                              out_shardings)
+
+
+def check_finite(samples, config=None):
+    """`samples` unchanged, or FloatingPointError if any value is NaN or inf (checked before the
+    uint8 conversion clips them away). With `config`, the message names the likely cause."""
+    if bool(jnp.all(jnp.isfinite(jnp.asarray(samples)))):
+        return samples
+    hint = " The model or the sampler diverged."
+    if config is not None and config.transport.enabled:
+        from dydit_jax.transport import ADAPTIVE_METHODS
+        method = str(config.transport.method).lower()
+        if config.transport.sampler == "ode" and method in ADAPTIVE_METHODS:
+            hint = (f" The adaptive ODE solver {method!r} fills the points it did not reach "
+                    "with inf when it runs out of steps (4096): loosen config.transport.atol / "
+                    "rtol or use a fixed-grid method (euler, heun2, rk4).")
+        elif config.transport.diffusion_form == "SBDM":
+            hint = (" diffusion_form='SBDM' divides by t and is infinite at t0 = 0 for Linear "
+                    "and GVP paths: use config.transport.diffusion_form='sigma'.")
+    raise FloatingPointError("sampling produced non-finite values." + hint)
 
 
 def sample_shardings(mesh, batch_axes: Union[str, Tuple[str, ...]] = "data",

@@ -254,4 +254,8 @@ ref = make_flow_sample_fn(model, create_transport("Linear", "velocity"), sampler
 np.testing.assert_allclose(x1, ref, atol=5e-5, rtol=5e-5)
 print("OK")
 """
-    assert "OK" in run_python(code, devices=8).stdout
+    res = run_python(code, devices=8)
+    assert "OK" in res.stdout
+    # diffrax's runtime error callback inside the solve used to make XLA gather the saved
+    # states of the sharded dopri5 solve onto one device (integrators.ode: throw=False).
+    assert "Involuntary full rematerialization" not in res.stderr

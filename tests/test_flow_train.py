@@ -140,6 +140,27 @@ def test_flow_models_evaluate_masked_and_gathered(dynamic_sit, tmp_path, monkeyp
     assert np.abs(chunks["gathered"].astype(int) - chunks["masked"].astype(int)).max() <= 1
 
 
+def test_non_finite_samples_are_reported_with_their_cause():
+    """An adaptive solve that runs out of steps returns inf (no runtime exception inside the
+    sharded solve); sample and evaluate modes then stop with the cause named."""
+    import jax.numpy as jnp
+    from dydit_jax.sampling import check_finite
+    from dydit_jax.transport.integrators import ode
+    stiff = ode(lambda x, t, model: -50 * x * jnp.sin(30 * t)[:, None], t0=0.0, t1=1.0,
+                sampler_type="dopri5", num_steps=5, max_steps=3)
+    ys = np.asarray(stiff.sample(jnp.ones((2, 3)), None))
+    assert np.isfinite(ys[0]).all() and np.isinf(ys[-1]).all()
+    config = tiny_config()
+    config.transport.method = "dopri5"
+    with pytest.raises(FloatingPointError, match="adaptive ODE solver 'dopri5'.*atol"):
+        check_finite(ys[-1], config)
+    config.transport.update(sampler="sde", method="euler", diffusion_form="SBDM")
+    with pytest.raises(FloatingPointError, match="SBDM"):
+        check_finite(np.array([np.nan]), config)
+    first = ys[0]
+    assert check_finite(first, config) is first
+
+
 def test_flow_sampler_cfg_layout_and_one_compile():
     """Guidance at scale 1 over all channels is the unguided sampler; a new scale or new labels
     reuse the compiled program."""

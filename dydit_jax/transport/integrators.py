@@ -14,6 +14,9 @@ Drift and diffusion functions follow the reference signatures:
     ``"tsit5"``, ``"adaptive_heun"``) go through diffrax with a PID step-size controller and
     the same ``atol`` / ``rtol`` semantics (RMS error norm); ``num_steps`` is then the number
     of saved points. Decreasing grids (``reverse=True``) integrate backwards in time.
+    A solve that runs out of steps (``max_steps``) returns inf for the points it did not reach
+    (``throw=False``): diffrax's runtime error check is a host callback inside the solve, which
+    made XLA's partitioner gather the saved states of a batch-sharded solve onto one device.
   The state may be a pytree (the likelihood ODE integrates ``(x, logp)``).
 
 * :class:`sde`: Euler-Maruyama (``"Euler"``) or the stochastic Heun step (``"Heun"``) over
@@ -142,6 +145,7 @@ class ode:
             saveat=diffrax.SaveAt(ts=jnp.asarray(ts)),
             stepsize_controller=diffrax.PIDController(rtol=self.rtol, atol=self.atol),
             max_steps=self.max_steps,
+            throw=False,
         )
         return sol.ys
 
