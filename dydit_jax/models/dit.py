@@ -206,11 +206,17 @@ class Attention(nn.Module):
 
 
 def dot_product_attention(q, k, v):
-    """Softmax attention with scale head_dim**-0.5, softmax in float32. q,k,v: [B, N, H, hd]."""
+    """Softmax attention with scale head_dim**-0.5, softmax in float32. q,k,v: [B, N, H, hd].
+
+    The second product is computed heads-first ([B, H, N, hd], the batched dot's natural
+    output) and transposed explicitly: asking the einsum for [B, N, H, hd] directly made XLA:CPU
+    hand the head-interleaved result to `proj` ~20 % slower for the whole DiT-S/2 forward
+    (measured; same values).
+    """
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
     probs = jax.nn.softmax(logits.astype(_float_dtype(q.dtype)), axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return jnp.transpose(jnp.einsum("bhqk,bkhd->bhqd", probs, v), (0, 2, 1, 3))
 
 
 class Mlp(nn.Module):
