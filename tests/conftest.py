@@ -48,3 +48,28 @@ def run_python(code: str, devices: int = 1, timeout: int = 600, check: bool = Tr
     if check and res.returncode != 0:
         raise AssertionError(f"subprocess failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
     return res
+
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch
+
+
+class CompileCounter:
+    """Counts XLA backend compiles while active (jax.monitoring): all of them, or with `name`
+    only those of functions whose name contains it."""
+
+    def __init__(self, name=None):
+        self.name, self.count = name, 0
+
+    def __call__(self, event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT and (
+                self.name is None or self.name in str(kwargs.get("fun_name", ""))):
+            self.count += 1
+
+    def __enter__(self):
+        import jax
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc):
+        import jax
+        jax.monitoring.unregister_event_duration_listener(self)

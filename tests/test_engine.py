@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import DATA, run_python
+from conftest import DATA, CompileCounter, run_python
 from dydit_jax import convert, flops
 from dydit_jax.diffusion import create_diffusion
 from dydit_jax.engine import Engine, WidthPlan, bucket_sizes, get_plan
@@ -24,7 +24,6 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 PT = DATA / "dydit_s" / "model.pt"
 LABELS = np.array([1, 7, 3, 9, 0, 2, 5, 8])  # divisible by 8 devices
 COARSE = (0.5,)  # widths {2, 4} of the 4 heads / groups
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def without_token_router(variables):
@@ -53,24 +52,6 @@ def ddim10():
 @pytest.fixture(scope="module")
 def ddpm25():
     return create_diffusion("25")
-
-
-class CompileCounter:
-    """Counts every XLA backend compile while active (jax.monitoring)."""
-
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self, event, duration, **kwargs):
-        if event == BACKEND_COMPILE_EVENT:
-            self.count += 1
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self)
 
 
 # ----------------------------------------------------------------------------------------------

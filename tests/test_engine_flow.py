@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_python
+from conftest import CompileCounter, run_python
 from dydit_jax.engine import FlowEngine, WidthPlan, solver_times
 from dydit_jax.models.sit import SiT
 from dydit_jax.sampling import make_flow_sample_fn, make_flow_solver
 from dydit_jax.transport import create_transport
 from dydit_jax.transport.utils import time_grid
 from test_dit import TINY
-from test_engine import COARSE, LABELS, TOL, CompileCounter
+from test_engine import COARSE, LABELS, TOL
 
 STEPS = 10
 

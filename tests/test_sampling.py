@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import DATA
+from conftest import DATA, CompileCounter
 from dydit_jax import convert
 from dydit_jax.diffusion import create_diffusion
 from dydit_jax.models import DiT
@@ -23,7 +23,6 @@ from dydit_jax.sampling import (make_grid, make_sample_fn, save_grid_png, save_n
 from test_dit import TINY
 
 LABELS = np.array([1, 7, 3, 9])
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch
 
 
 @pytest.fixture(scope="module")
@@ -56,24 +55,6 @@ def ddim_cfg(tiny, ddim25):
 @pytest.fixture(scope="module")
 def ddim_plain(tiny, ddim25):
     return make_sample_fn(tiny[0], ddim25, sampler="ddim", use_cfg=False)
-
-
-class CompileCounter:
-    """Counts XLA compilations of functions whose name contains `name` (jax.monitoring)."""
-
-    def __init__(self, name):
-        self.name, self.count = name, 0
-
-    def __call__(self, event, duration, **kwargs):
-        if event == BACKEND_COMPILE_EVENT and self.name in str(kwargs.get("fun_name", "")):
-            self.count += 1
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self)
 
 
 def test_ddpm_cfg_250_steps_compiles_once(tiny, ddpm_cfg):

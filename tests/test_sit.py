@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 
 from conftest import DATA, load_npz, run_python
+from test_dit import TINY
 from dydit_jax import convert
 from dydit_jax.models.dit import DiT
 from dydit_jax.models.sit import SiT, SiT_models, sit_config
 
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
-            mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True)
 TOL = dict(atol=1e-5, rtol=1e-5)
 WEIGHTS = DATA / "dit_s" / "model.pt"
 
@@ -111,7 +110,7 @@ import json
 import jax, numpy as np
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
-from conftest import DATA, load_npz
+from conftest import DATA, load_npz, run_python
 from dydit_jax import convert
 from dydit_jax.models.sit import SiT
 from dydit_jax.transport import Sampler, create_transport

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, load_npz
+from test_dit import TINY
 from dydit_jax import convert
 from dydit_jax.models.sit import SiT
 from dydit_jax.transport import (DIFFUSION_FORMS, ModelType, PathType, Sampler, WeightType,
@@ -22,8 +23,6 @@ from dydit_jax.transport import (DIFFUSION_FORMS, ModelType, PathType, Sampler, 
 from dydit_jax.transport.integrators import integrate_fixed_grid
 from dydit_jax.transport.utils import step_noise
 
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
-            mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True)
 TOL = dict(atol=1e-5, rtol=1e-5)
 CONFIG = json.loads((DATA / "sit" / "config.json").read_text())
 PATHS = ("Linear", "GVP", "VP")
