@@ -168,32 +168,6 @@ def make_decode_fn(vae, mesh):
                    out_shardings=out)
 
 
-def build_sample_fn(config, model, mesh, params=None):
-    """`sampling.make_sample_fn` (or `make_flow_sample_fn` for flow models) for the evaluate
-    settings, sharded over the mesh's batch axes; with `sample.engine=gathered` the dynamic
-    inference engine (built for `params`)."""
-    sc, ec = config.sample, config.evaluate
-    if sc.engine == "gathered":
-        from dydit_jax.generate import engine_sample_fn
-        return engine_sample_fn(config, model, params, mesh, ec.sampler, ec.num_steps,
-                                ec.cfg_scale)
-    common = dict(guide_channels=None if sc.guide_channels < 0 else sc.guide_channels,
-                  use_cfg=ec.cfg_scale > 1.0, complete=sc.engine == "static",
-                  **sampling.sample_shardings(mesh, batch_axes=sharding_lib.BATCH_AXES))
-    if config.transport.enabled:
-        from dydit_jax.train import build_transport
-        tc = config.transport
-        return sampling.make_flow_sample_fn(
-            model, build_transport(config), sampler=tc.sampler, method=tc.method,
-            num_steps=tc.num_steps, atol=tc.atol, rtol=tc.rtol,
-            diffusion_form=tc.diffusion_form, diffusion_norm=tc.diffusion_norm,
-            last_step=tc.last_step, last_step_size=tc.last_step_size, **common)
-    from dydit_jax.train import build_diffusion
-    respacing = f"ddim{ec.num_steps}" if ec.sampler == "ddim" else str(ec.num_steps)
-    return sampling.make_sample_fn(model, build_diffusion(config, respacing), sampler=ec.sampler,
-                                   eta=sc.eta, clip_denoised=sc.clip_denoised, **common)
-
-
 def checkpoint_id(config, workdir: str) -> str:
     """What the weights are: the `sample.checkpoint` source, or the workdir's latest step."""
     if config.sample.checkpoint:
@@ -288,13 +262,14 @@ def sample_chunks(config, workdir: str, params=None) -> Tuple[List[str], List[in
     if not todo:
         return paths, []
 
-    from dydit_jax.generate import load_sampling_params
+    from dydit_jax.generate import build_sample_fn, load_sampling_params
     from dydit_jax.train import build_model
     model = build_model(config)
     if params is None:
         params = load_sampling_params(config, workdir, model)
     params = jax.device_put(params, sharding_lib.replicated(mesh))
-    sample = build_sample_fn(config, model, mesh, params)
+    sample = build_sample_fn(config, model, mesh, params, ec.sampler, ec.num_steps,
+                             ec.cfg_scale)
     decode = None
     if is_latent(config):
         vae, vae_vars = load_vae(config)

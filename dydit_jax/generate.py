@@ -55,38 +55,56 @@ def sample_labels(config) -> np.ndarray:
     return np.repeat(np.asarray(classes, np.int32), sc.per_class)
 
 
-def engine_sample_fn(config, model, params, mesh, sampler: str, num_steps: int,
-                     cfg_scale: float):
-    """The gathered engine (dydit_jax.engine) behind the `sample(params, rng, labels, scale)`
-    signature of `sampling.make_sample_fn`; same noise, same samples as the masked path.
-    Diffusion models run `Engine` (config.sample's sampler), flow models `FlowEngine`
-    (config.transport's fixed-grid ODE / SDE). `sampler`, `num_steps` (diffusion models) and
-    `cfg_scale` (> 1 guides) come from the caller's section (`sample` or `evaluate`)."""
-    from dydit_jax.engine import Engine, FlowEngine
+def _flow_solver_kwargs(config) -> dict:
+    """The `config.transport` sampler settings, as `make_flow_sample_fn` and `FlowEngine`
+    take them."""
+    tc = config.transport
+    return dict(sampler=tc.sampler, method=tc.method, num_steps=tc.num_steps, atol=tc.atol,
+                rtol=tc.rtol, diffusion_form=tc.diffusion_form,
+                diffusion_norm=tc.diffusion_norm, last_step=tc.last_step,
+                last_step_size=tc.last_step_size)
+
+
+def build_sample_fn(config, model, mesh, params, sampler: str, num_steps: int,
+                    cfg_scale: float):
+    """`sample(params, rng, labels, cfg_scale)` for sample and evaluate modes, sharded over the
+    mesh's batch axes: `config.sample.engine` masked | static (`sampling.make_sample_fn` or, for
+    flow models, `make_flow_sample_fn` on config.transport's solver) or gathered (the dynamic
+    inference engine, `Engine` / `FlowEngine`, built for `params`: same noise, same samples as
+    the masked path). `sampler`, `num_steps` (diffusion models) and `cfg_scale` (> 1 guides)
+    come from the caller's section (`sample` or `evaluate`)."""
     sc = config.sample
+    if sc.engine not in ("masked", "static", "gathered"):
+        raise ValueError(f"config.sample.engine={sc.engine!r}; valid: masked, static, gathered")
+    common = dict(guide_channels=None if sc.guide_channels < 0 else sc.guide_channels,
+                  use_cfg=cfg_scale > 1.0)
+    diffusion = None if config.transport.enabled else build_diffusion(
+        config, f"ddim{num_steps}" if sampler == "ddim" else str(num_steps))
+    if sc.engine != "gathered":
+        common.update(complete=sc.engine == "static",
+                      **sampling.sample_shardings(mesh, batch_axes=sharding_lib.BATCH_AXES))
+        if diffusion is None:
+            return sampling.make_flow_sample_fn(model, build_transport(config),
+                                                **_flow_solver_kwargs(config), **common)
+        return sampling.make_sample_fn(model, diffusion, sampler=sampler, eta=sc.eta,
+                                       clip_denoised=sc.clip_denoised, **common)
+
+    from dydit_jax.engine import Engine, FlowEngine
     if not model.dynamic:
         raise ValueError("config.sample.engine=gathered needs a dynamic model "
                          "(config.dynamic.enabled=True)")
-    common = dict(use_cfg=cfg_scale > 1.0,
-                  guide_channels=None if sc.guide_channels < 0 else sc.guide_channels,
-                  mesh=mesh, batch_axes=sharding_lib.BATCH_AXES,
+    common.update(mesh=mesh, batch_axes=sharding_lib.BATCH_AXES,
                   compilation_cache_dir=config.compilation_cache_dir or None)
-    if config.transport.enabled:
-        tc = config.transport
+    if diffusion is None:
         engine = FlowEngine(model, {"params": params}, build_transport(config),
-                            sampler=tc.sampler, method=tc.method, num_steps=tc.num_steps,
-                            atol=tc.atol, rtol=tc.rtol, diffusion_form=tc.diffusion_form,
-                            diffusion_norm=tc.diffusion_norm,
-                            last_step=tc.last_step, last_step_size=tc.last_step_size, **common)
+                            **_flow_solver_kwargs(config), **common)
         ratio = engine.macs_ratio()
         if engine.adaptive:
-            print(f"gathered engine: adaptive {tc.method}: widths decided on device per model "
-                  f"call; FLOPs ratio estimated on its {tc.num_steps} saved points")
+            print(f"gathered engine: adaptive {engine.method}: widths decided on device per "
+                  f"model call; FLOPs ratio estimated on its saved points")
     else:
-        respacing = f"ddim{num_steps}" if sampler == "ddim" else str(num_steps)
-        engine = Engine(model, {"params": params}, build_diffusion(config, respacing),
-                        sampler=sampler, eta=sc.eta, clip_denoised=sc.clip_denoised,
-                        **common)
+        engine = Engine(model, {"params": params}, diffusion, sampler=sampler, eta=sc.eta,
+                        clip_denoised=sc.clip_denoised, **common)
         ratio = engine.plan.macs_ratio(model, grid=engine.grid, include_routers=False)
     print(f"gathered engine: whole-model FLOPs ratio of the plan {float(ratio):.3f} "
           "(tokens all kept)")
@@ -96,32 +114,14 @@ def engine_sample_fn(config, model, params, mesh, sampler: str, num_steps: int,
 def sample_from_workdir(config, workdir: str, params=None) -> np.ndarray:
     """Samples `config.sample.per_class` images of each class; returns them (uint8 or latents)."""
     sc = config.sample
-    if sc.engine not in ("masked", "static", "gathered"):
-        raise ValueError(f"config.sample.engine={sc.engine!r}; valid: masked, static, gathered")
     model = build_model(config)
     if params is None:
         params = load_sampling_params(config, workdir, model)
     mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
     n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = -(-min(sc.batch_size, len(sample_labels(config))) // n_shards) * n_shards
-    common = dict(guide_channels=None if sc.guide_channels < 0 else sc.guide_channels,
-                  use_cfg=sc.cfg_scale > 1.0, complete=sc.engine == "static",
-                  **sampling.sample_shardings(mesh, batch_axes=sharding_lib.BATCH_AXES))
-    if sc.engine == "gathered":
-        sample = engine_sample_fn(config, model, params, mesh, sc.sampler, sc.num_steps,
-                                  sc.cfg_scale)
-    elif config.transport.enabled:
-        tc = config.transport
-        sample = sampling.make_flow_sample_fn(
-            model, build_transport(config), sampler=tc.sampler, method=tc.method,
-            num_steps=tc.num_steps, atol=tc.atol, rtol=tc.rtol, diffusion_form=tc.diffusion_form,
-            diffusion_norm=tc.diffusion_norm, last_step=tc.last_step,
-            last_step_size=tc.last_step_size, **common)
-    else:
-        respacing = f"ddim{sc.num_steps}" if sc.sampler == "ddim" else str(sc.num_steps)
-        sample = sampling.make_sample_fn(
-            model, build_diffusion(config, respacing), sampler=sc.sampler, eta=sc.eta,
-            clip_denoised=sc.clip_denoised, **common)
+    sample = build_sample_fn(config, model, mesh, params, sc.sampler, sc.num_steps,
+                             sc.cfg_scale)
     params = jax.device_put(params, sharding_lib.replicated(mesh))
 
     labels = sample_labels(config)

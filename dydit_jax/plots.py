@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dydit_jax.models.dit import gumbel_sigmoid_gate
+from dydit_jax.models.dit import DiTBlock, eval_width_masks
 from dydit_jax.transport import Transport
 
 # Times of the token-mask figure: ADM timesteps (0 = clean) and flow times (1 = data).
@@ -29,15 +29,9 @@ FLOW_TIMES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 def width_masks_over_t(model, params, timesteps):
-    """Eval-mode head and group masks [T, L, H] (index 0 included) for the given timesteps."""
-    head_logits, group_logits = model.apply({"params": params}, jnp.asarray(timesteps),
-                                            method=model.width_logits)
-
-    def masks(logits):
-        on = np.asarray(gumbel_sigmoid_gate(logits, 5.0))
-        return np.concatenate([np.ones(on.shape[:-1] + (1,)), on], axis=-1)
-
-    return masks(head_logits), masks(group_logits)
+    """Eval-mode head and group masks [T, L, H] (bool, index 0 included) for the timesteps."""
+    logits = model.apply({"params": params}, jnp.asarray(timesteps), method=model.width_logits)
+    return tuple(np.asarray(m) for m in eval_width_masks(*logits, tau=DiTBlock.tau))
 
 
 def heatmap_times(num_timesteps: int = 1000, flow: bool = False) -> np.ndarray:

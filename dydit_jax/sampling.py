@@ -50,6 +50,14 @@ def _pair(size) -> Tuple[int, int]:
     return (int(h), int(w))
 
 
+def model_latent_shape(model, latent_shape: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
+    """The per-sample shape a sampler draws: `latent_shape` if given, else the model's
+    (H, W, in_channels)."""
+    if latent_shape is None:
+        latent_shape = _pair(model.input_size) + (int(model.in_channels),)
+    return tuple(int(s) for s in latent_shape)
+
+
 def _as_variables(params):
     """Accept either Flax variables {"params": ...} or the bare parameter tree."""
     if isinstance(params, dict) or hasattr(params, "keys"):
@@ -104,10 +112,7 @@ def make_sample_fn(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
-    if latent_shape is None:
-        h, w = _pair(model.input_size)
-        latent_shape = (h, w, int(model.in_channels))
-    latent_shape = tuple(int(s) for s in latent_shape)
+    latent_shape = model_latent_shape(model, latent_shape)
     null_label = int(model.num_classes)
     counter = {"traces": 0}
     dynamic = bool(getattr(model, "dynamic", False))
@@ -266,10 +271,7 @@ def make_flow_sample_fn(
                              atol=atol, rtol=rtol, diffusion_form=diffusion_form,
                              diffusion_norm=diffusion_norm, last_step=last_step,
                              last_step_size=last_step_size)
-    if latent_shape is None:
-        h, w = _pair(model.input_size)
-        latent_shape = (h, w, int(model.in_channels))
-    latent_shape = tuple(int(s) for s in latent_shape)
+    latent_shape = model_latent_shape(model, latent_shape)
     null_label = int(model.num_classes)
     counter = {"traces": 0}
     dyn_kw = {"complete": complete} if getattr(model, "dynamic", False) else {}

@@ -46,8 +46,9 @@ import numpy as np
 from dydit_jax import flops
 from dydit_jax.engine import gathered
 from dydit_jax.engine.plan import Grid, WidthPlan
-from dydit_jax.engine.sampler import DEFAULT_CAPACITIES, Engine, _pair
-from dydit_jax.sampling import canonical_flow_method, make_flow_solver
+from dydit_jax.engine.sampler import DEFAULT_CAPACITIES, Engine
+from dydit_jax.sampling import (canonical_flow_method, make_flow_solver,
+                                model_latent_shape)
 
 
 def solver_times(solve, latent_shape: Sequence[int], stochastic: bool
@@ -115,8 +116,7 @@ class FlowEngine(Engine):
             transport, sampler=sampler, method=method, num_steps=num_steps, atol=atol,
             rtol=rtol, diffusion_form=diffusion_form, diffusion_norm=diffusion_norm,
             last_step=last_step, last_step_size=last_step_size)
-        if latent_shape is None:
-            latent_shape = _pair(model.input_size) + (int(model.in_channels),)
+        latent_shape = model_latent_shape(model, latent_shape)
         if self.adaptive:  # times unknown ahead: the plan describes the saved points only
             times = np.asarray(self.solve.time_grid(np.float32))
             self.eval_counts = np.ones(len(times), np.int64)

@@ -30,7 +30,6 @@ matmuls are written here. All functions work on one device's rows; `sampler.py` 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Dict, Sequence, Tuple
 
 import flax.linen as nn
@@ -38,9 +37,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dydit_jax.engine.plan import bucket_arrays, fraction_sizes
 from dydit_jax.models import dit
-from dydit_jax.models.dit import (DiTBlock, dot_product_attention, gumbel_sigmoid_gate,
-                                  layer_norm, modulate)
+from dydit_jax.models.dit import (DiTBlock, dot_product_attention, eval_width_masks,
+                                  gumbel_sigmoid_gate, layer_norm, modulate)
 
 Width = Dict[str, jax.Array]  # one block's slice of `plan.Buckets.arrays()`
 
@@ -81,13 +81,7 @@ def block_module(model) -> DiTBlock:
 
 def token_capacities(fractions: Sequence[float], rows: int) -> Tuple[int, ...]:
     """Capacity buckets (ascending, the last is `rows` = B*N) from fractions of `rows`."""
-    caps = {rows}
-    for f in fractions:
-        f = float(f)
-        if not 0.0 < f <= 1.0:
-            raise ValueError(f"token capacity fractions must lie in (0, 1], got {f}")
-        caps.add(max(1, math.ceil(f * rows - 1e-9)))
-    return tuple(sorted(caps))
+    return fraction_sizes(fractions, rows, "token capacity")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,16 +129,8 @@ def routed_widths(model, rest, blocks, t, sizes: Sequence[int]) -> Width:
     blk = block_module(model)
     head, group = jax.vmap(
         lambda bp: blk.apply({"params": bp}, t_emb, method=DiTBlock.width_logits))(blocks)
-    table = jnp.asarray(sizes, jnp.int32)
-    out = {}
-    for name, logits in (("head", head[:, 0]), ("group", group[:, 0])):    # [L, H-1]
-        on = gumbel_sigmoid_gate(logits, DiTBlock.tau) > 0.5
-        mask = jnp.concatenate([jnp.ones_like(on[:, :1]), on], axis=-1)     # [L, H]
-        count = jnp.sum(mask, axis=-1).astype(jnp.int32)
-        out[f"{name}_order"] = jnp.argsort(~mask, axis=-1, stable=True).astype(jnp.int32)
-        out[f"{name}_count"] = count
-        out[f"{name}_bucket"] = jnp.searchsorted(table, count).astype(jnp.int32)
-    return out
+    masks = eval_width_masks(head[:, 0], group[:, 0], tau=blk.tau)          # [L, H] each
+    return bucket_arrays(*masks, sizes)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,13 +34,27 @@ import os
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dydit_jax import flops
-from dydit_jax.models.dit import DiTBlock, gumbel_sigmoid_gate
+from dydit_jax.models.dit import DiTBlock, eval_width_masks
 
 Grid = Union[str, Sequence[float]]
 PLAN_FORMAT = 1
+
+
+def fraction_sizes(fractions: Sequence[float], total: int, what: str) -> Tuple[int, ...]:
+    """Sizes ceil(f * total) (at least 1) for fractions f in (0, 1], plus `total`, ascending.
+    `what` names the setting in the error (width buckets, token capacities)."""
+    sizes = {total}
+    for f in fractions:
+        f = float(f)
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"{what} fractions must lie in (0, 1], got {f} in "
+                             f"{tuple(fractions)!r}")
+        sizes.add(max(1, math.ceil(f * total - 1e-9)))
+    return tuple(sorted(sizes))
 
 
 def bucket_sizes(grid: Grid, num_heads: int) -> Tuple[int, ...]:
@@ -53,20 +67,24 @@ def bucket_sizes(grid: Grid, num_heads: int) -> Tuple[int, ...]:
             raise ValueError(f"unknown bucket grid {grid!r}; use 'exact' or a list of fractions "
                              "of the heads such as (0.25, 0.5, 0.75, 1.0)")
         return tuple(range(1, num_heads + 1))
-    sizes = {num_heads}
-    for f in grid:
-        f = float(f)
-        if not 0.0 < f <= 1.0:
-            raise ValueError(f"bucket grid fractions must lie in (0, 1], got {f} in {grid!r}")
-        sizes.add(max(1, math.ceil(f * num_heads - 1e-9)))
-    return tuple(sorted(sizes))
+    return fraction_sizes(grid, num_heads, "bucket grid")
 
 
-def _order_and_counts(masks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """masks [..., H] bool -> (order [..., H] int32: active ascending then inactive ascending,
-    counts [...] int32). A stable argsort of "not active" gives exactly that order."""
-    order = np.argsort(~masks, axis=-1, kind="stable").astype(np.int32)
-    return order, masks.sum(-1).astype(np.int32)
+def bucket_arrays(head_masks, group_masks, sizes: Sequence[int]) -> Dict[str, jax.Array]:
+    """Width masks [..., H] (bool, any leading axes) -> the index data a gathered block reads
+    (`Buckets.arrays()` names): per mask its order (active indices ascending, then inactive
+    ones ascending: a stable argsort of "not active"), active count and bucket (index into
+    `sizes` of the smallest width >= count). Traceable: the plan runs it on the host once,
+    the engine on device for adaptive solvers."""
+    table = jnp.asarray(sizes, jnp.int32)
+    out = {}
+    for name, masks in (("head", head_masks), ("group", group_masks)):
+        masks = jnp.asarray(masks, bool)
+        count = jnp.sum(masks, axis=-1).astype(jnp.int32)
+        out[f"{name}_order"] = jnp.argsort(~masks, axis=-1, stable=True).astype(jnp.int32)
+        out[f"{name}_count"] = count
+        out[f"{name}_bucket"] = jnp.searchsorted(table, count).astype(jnp.int32)
+    return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -140,17 +158,13 @@ class WidthPlan:
         timesteps = schedule_timesteps(schedule)
 
         @jax.jit
-        def gates(variables, t):  # the masked path's eval decision: sigmoid(l / tau) > 0.5
-            logits = model.apply(variables, t, method=model.width_logits)
-            return [gumbel_sigmoid_gate(l, DiTBlock.tau) > 0.5 for l in logits]
-
-        def with_index_0(on):
-            on = np.asarray(on)
-            return np.concatenate([np.ones(on.shape[:-1] + (1,), bool), on], axis=-1)
+        def gates(variables, t):  # the masked path's eval decision
+            return eval_width_masks(*model.apply(variables, t, method=model.width_logits),
+                                    tau=DiTBlock.tau)
 
         head, group = jax.device_get(gates(variables, _model_times(timesteps)))
-        return cls(timesteps=timesteps, head_masks=with_index_0(head),
-                   group_masks=with_index_0(group),
+        return cls(timesteps=timesteps, head_masks=np.asarray(head),
+                   group_masks=np.asarray(group),
                    fingerprint=plan_fingerprint(model, variables),
                    schedule=_describe(schedule, timesteps))
 
@@ -183,15 +197,8 @@ class WidthPlan:
     def bucketize(self, grid: Grid = "exact") -> Buckets:
         """Round the active counts up to `grid` (see :func:`bucket_sizes`)."""
         sizes = bucket_sizes(grid, self.num_heads)
-        head_order, head_count = _order_and_counts(self.head_masks)
-        group_order, group_count = _order_and_counts(self.group_masks)
-        table = np.asarray(sizes)
-        return Buckets(
-            sizes=sizes,
-            head_order=head_order, head_count=head_count,
-            head_bucket=np.searchsorted(table, head_count).astype(np.int32),
-            group_order=group_order, group_count=group_count,
-            group_bucket=np.searchsorted(table, group_count).astype(np.int32))
+        arrays = jax.device_get(bucket_arrays(self.head_masks, self.group_masks, sizes))
+        return Buckets(sizes=sizes, **{k: np.asarray(v) for k, v in arrays.items()})
 
     # -- cost ----------------------------------------------------------------------------
 
@@ -358,5 +365,5 @@ def get_plan(model, variables, schedule, cache_dir: Optional[Union[str, os.PathL
     return plan
 
 
-__all__ = ["WidthPlan", "Buckets", "bucket_sizes", "get_plan", "plan_fingerprint",
+__all__ = ["WidthPlan", "Buckets", "bucket_sizes", "bucket_arrays", "fraction_sizes", "get_plan", "plan_fingerprint",
            "schedule_timesteps"]

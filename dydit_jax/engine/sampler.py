@@ -47,6 +47,7 @@ from dydit_jax import flops
 from dydit_jax.diffusion import loop_step_noise, split_loop_key
 from dydit_jax.engine import gathered
 from dydit_jax.engine.plan import Grid, WidthPlan, get_plan
+from dydit_jax.sampling import model_latent_shape
 
 SAMPLERS = ("ddpm", "ddim")
 EXECUTORS = ("fused", "blocks")
@@ -82,10 +83,6 @@ def enable_persistent_cache(directory: Union[str, os.PathLike]) -> None:
     jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def _pair(size) -> Tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class Engine:
@@ -143,9 +140,7 @@ class Engine:
         self.use_cfg, self.guide_channels = use_cfg, guide_channels
         self.executor = executor
         self.capacities = tuple(float(f) for f in token_capacities)
-        if latent_shape is None:
-            latent_shape = _pair(model.input_size) + (int(model.in_channels),)
-        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.latent_shape = model_latent_shape(model, latent_shape)
 
         if plan is None:
             plan = get_plan(model, variables, schedule, cache_dir=plan_dir)

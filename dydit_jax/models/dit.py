@@ -263,6 +263,16 @@ def gumbel_sigmoid_gate(logits, tau: float, noise=None):
     return hard - jax.lax.stop_gradient(soft) + soft
 
 
+def eval_width_masks(head_logits, group_logits, tau: float = 5.0):
+    """Eval-mode TDW masks from router logits [..., H-1] -> bool [..., H] with index 0 always
+    on: the decision the masked path makes, sigmoid(logit / tau) > 0.5 (not logit > 0: they
+    differ for |logit| < 1e-7). For width plans, plots and the engine's on-device routing."""
+    def masks(logits):
+        on = gumbel_sigmoid_gate(logits, tau) > 0.5
+        return jnp.concatenate([jnp.ones_like(on[..., :1]), on], axis=-1)
+    return masks(head_logits), masks(group_logits)
+
+
 class TokenRouter(nn.Module):
     """SDT router: Dense(D -> D//16), ReLU, Dense(-> 1). x: [B, N, D] -> logits [B, N]."""
     hidden_size: int
