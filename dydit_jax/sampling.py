@@ -208,7 +208,9 @@ def make_flow_solver(transport, *, sampler: str = "ode", method: str = "euler",
                      last_step: Optional[str] = "Mean", last_step_size: float = 0.04) -> Callable:
     """`solve(init, model_fn, **kw) -> [num_steps, rows, ...]` of `transport.Sampler` (the last
     entry is the sample; the SDE one takes `rng=`). Arguments as in :func:`make_flow_sample_fn`.
-    Shared by the masked sampler and the gathered engine, so both integrate identically."""
+    Shared by the masked sampler and the gathered engine, so both integrate identically.
+    `solve.with_stats(init, model_fn, **kw)` also returns the solver's step counts
+    (`num_accepted_steps`, `num_rejected_steps`: int32 scalars)."""
     from dydit_jax.transport import Sampler
 
     method = canonical_flow_method(sampler, method)
@@ -218,9 +220,15 @@ def make_flow_solver(transport, *, sampler: str = "ode", method: str = "euler",
                                rtol=rtol)
     if last_step is not None and str(last_step).lower() in ("none", ""):
         last_step = None
-    return flow.sample_sde(sampling_method=method, diffusion_form=diffusion_form,
-                           diffusion_norm=diffusion_norm, last_step=last_step,
-                           last_step_size=last_step_size, num_steps=num_steps)
+    solve = flow.sample_sde(sampling_method=method, diffusion_form=diffusion_form,
+                            diffusion_norm=diffusion_norm, last_step=last_step,
+                            last_step_size=last_step_size, num_steps=num_steps)
+
+    def with_stats(init, model_fn, **kw):  # a fixed grid: num_steps - 1 stochastic steps
+        return solve(init, model_fn, **kw), {"num_accepted_steps": jnp.int32(num_steps - 1),
+                                             "num_rejected_steps": jnp.int32(0)}
+    solve.with_stats = with_stats
+    return solve
 
 
 def make_flow_sample_fn(
@@ -242,9 +250,11 @@ def make_flow_sample_fn(
     complete: bool = False,
     in_shardings: Any = None,
     out_shardings: Any = None,
+    return_stats: bool = False,
 ) -> Callable:
     """Build `sample(params, rng, labels, cfg_scale) -> x1 [B, H, W, C]` (float32) for a
-    flow-matching SiT, with the samplers of `dydit_jax.transport.Sampler`.
+    flow-matching SiT, with the samplers of `dydit_jax.transport.Sampler`; with
+    `return_stats`, `(x1, stats)`: the solver's accepted and rejected step counts.
 
     :param model: a Flax SiT (`__call__(x, t, y)` with t in [0, 1] returning C channels,
         `forward_with_cfg`); a dynamic one runs its masked path, or its static path with
@@ -292,9 +302,13 @@ def make_flow_sample_fn(
             def model_fn(x, t):
                 return model.apply(variables, x, t, labels, **dyn_kw)
         kw = {"rng": k_sde} if sampler == "sde" else {}
-        xs = solve(z, model_fn, **kw)  # [num_steps, rows, H, W, C]; the last is the sample
-        return xs[-1][:b].astype(jnp.float32)  # drop the null-class half
+        # xs: [num_steps, rows, H, W, C]; the last is the sample
+        xs, stats = solve.with_stats(z, model_fn, **kw)
+        x1 = xs[-1][:b].astype(jnp.float32)  # drop the null-class half
+        return (x1, stats) if return_stats else x1
 
+    if return_stats and out_shardings is not None:
+        out_shardings = (out_shardings, None)  # the step counts: wherever XLA puts them
     return _jitted_sample_fn(sample_impl, counter, latent_shape, use_cfg, in_shardings,
                              out_shardings)
 

@@ -93,7 +93,7 @@ def test_dynamic_sit_runs_the_dydit_objective(dynamic_sit):
             r["loss"], r["loss_dynamic"] + r["loss_complete"] + r["loss_flops"], rtol=1e-5)
 
 
-def test_dynamic_sit_samples_with_the_gathered_engine(dynamic_sit):
+def test_dynamic_sit_samples_with_the_gathered_engine(dynamic_sit, monkeypatch):
     """Sample-mode wiring of the gathered engine for flow models (FlowEngine; its exactness
     with routers that switch is tested in test_engine_flow.py): same samples as the masked
     path, for a fixed-grid and an adaptive solver."""
@@ -105,11 +105,22 @@ def test_dynamic_sit_samples_with_the_gathered_engine(dynamic_sit):
     config.sample.engine = "gathered"
     gathered = generate.sample_from_workdir(config, str(workdir))
     np.testing.assert_allclose(gathered, masked, atol=1e-5, rtol=1e-5)
-    config.transport.method = "dopri5"   # adaptive: widths decided on device
+    # Adaptive: widths decided on device. Two adaptive solves are not equal to float32
+    # rounding (their step sizes follow the rounding, see test_engine_flow.py); after 3 steps
+    # of fine-tuning every router is still on (bias 15), so the field is smooth and both are
+    # solutions of one problem within the solver's tolerance: each within a few accepted
+    # steps' local error (atol + rtol * |x|) of the truth, so within 10x that of each other.
+    from dydit_jax.engine import FlowEngine
+    used = []
+    monkeypatch.setattr(FlowEngine, "sample", lambda self, *a, _orig=FlowEngine.sample, **k:
+                        used.append(self.method) or _orig(self, *a, **k))
+    config.transport.method = "dopri5"
     gathered = generate.sample_from_workdir(config, str(workdir))
     config.sample.engine = "masked"
     masked = generate.sample_from_workdir(config, str(workdir))
-    np.testing.assert_allclose(gathered, masked, atol=5e-5, rtol=5e-5)
+    assert used == ["dopri5"]
+    tol = config.transport.atol + config.transport.rtol * np.abs(masked)
+    assert (np.abs(gathered - masked) <= 10 * tol).all()
 
 
 def test_flow_models_evaluate_masked_and_gathered(dynamic_sit, tmp_path, monkeypatch):

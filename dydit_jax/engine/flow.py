@@ -163,8 +163,16 @@ class FlowEngine(Engine):
                 return out
 
         kw = {"rng": k_sde} if self.sampler == "sde" else {}
-        xs = self.solve(z, model_fn, **kw)  # [num_steps, rows, ...]; the last is the sample
-        return xs[-1][:b].astype(jnp.float32), None
+        # xs: [num_steps, rows, ...]; the last is the sample
+        xs, stats = self.solve.with_stats(z, model_fn, **kw)
+        return xs[-1][:b].astype(jnp.float32), stats
+
+    def _routed_output(self, rest, blocks, x, t, labels, cfg_scale):
+        """The gathered model output at any time t (a traced float32 scalar), widths decided
+        on device: the adaptive solver's model function."""
+        widths = gathered.routed_widths(self.model, rest, blocks, t, self.buckets.sizes)
+        tb = jnp.full((x.shape[0],), t, jnp.float32)
+        return self._model_out(rest, blocks, widths, x, tb, labels, cfg_scale)[0]
 
     def _fused_forward(self, rest, blocks, plan, x, i, labels, cfg_scale):
         times = jnp.asarray(self.plan.timesteps, jnp.float32)
@@ -177,11 +185,35 @@ class FlowEngine(Engine):
     def sample(self, rng, labels, cfg_scale: float = 1.0, return_stats: bool = False):
         """Samples x1 [B, H, W, C] (float32, t = 1 is data) for int labels [B], as
         `make_flow_sample_fn`'s sampler with the same arguments. `cfg_scale` never recompiles.
-        Per-step token statistics are not collected for flow solvers (`return_stats`)."""
-        if return_stats:
-            raise NotImplementedError("token statistics are collected by the diffusion Engine "
-                                      "only; use FlowEngine.forward(x, step, labels) per time")
-        return super().sample(rng, labels, cfg_scale)
+
+        With `return_stats`, returns (x1, stats): the solver's `num_accepted_steps` and
+        `num_rejected_steps` (ints; a fixed grid: num_steps - 1 and 0). Per-step token
+        statistics are not collected for flow solvers (use `forward(x, step, labels)`)."""
+        labels = self._labels(labels)
+        rng, cfg_scale = self._put(rng), self._put(np.float32(cfg_scale))
+        exe = self._fused_executable("sample", labels.shape[0],
+                                     jax.ShapeDtypeStruct(rng.shape, rng.dtype))
+        x1, stats = exe(self._rest, self._blocks, self._plan_arrays, rng, labels, cfg_scale)
+        if not return_stats:
+            return x1
+        return x1, {k: int(v) for k, v in jax.device_get(stats).items()}
+
+    def model_output(self, x, t: float, labels, cfg_scale: Optional[float] = None):
+        """The gathered model output at ANY time t in [0, 1] with the widths decided on device
+        (what an adaptive solver calls; at a plan time it equals `forward` there): [B, H, W, C]
+        for x [B, H, W, C], or with CFG (`use_cfg`) the guided conditional half of
+        `SiT.forward_with_cfg` on [x; x], [labels; null]. One executable per batch size."""
+        labels = self._labels(labels)
+        cfg = self._put(np.float32(1.0 if cfg_scale is None else cfg_scale))
+        x = self._put(np.asarray(jax.device_get(x), np.float32), batch=True)
+        r, bt = self._repl, self._batch
+        b = x.shape[0]
+        args = (self._rest, self._blocks, self._aval(x.shape, jnp.float32, batch=True),
+                self._aval((), jnp.float32), self._aval((b,), jnp.int32, batch=True),
+                self._aval((), jnp.float32))
+        exe = self.cache.get(("model_output", b), lambda: self._jit(
+            self._routed_output, (r, r, bt, r, bt, r), bt).lower(*args))
+        return exe(self._rest, self._blocks, x, self._put(np.float32(t)), labels, cfg)
 
     def macs_ratio(self, grid: Optional[Grid] = "engine", token_counts=None,
                    include_routers: bool = False) -> float:

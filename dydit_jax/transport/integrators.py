@@ -126,13 +126,21 @@ class ode:
 
     def sample(self, x, model, **model_kwargs):
         """Integrate from the state ``x`` (array or pytree) -> states at every grid point."""
+        return self.sample_with_stats(x, model, **model_kwargs)[0]
+
+    def sample_with_stats(self, x, model, **model_kwargs):
+        """``(states at every grid point, stats)``; stats: int32 scalars
+        ``num_accepted_steps`` and ``num_rejected_steps`` (a fixed grid: ``num_steps - 1``
+        and 0; an adaptive method: its step-size controller's counts)."""
         ts = self.grid(np.dtype(compute_dtype(_leaves(x)[0])))
 
         def f(t, y):
             return self.drift(y, _batch_time(t, y), model, **model_kwargs)
 
         if self.sampler_type in _FIXED_STEPS:
-            return integrate_fixed_grid(_FIXED_STEPS[self.sampler_type], f, x, ts)
+            ys = integrate_fixed_grid(_FIXED_STEPS[self.sampler_type], f, x, ts)
+            return ys, {"num_accepted_steps": jnp.int32(len(ts) - 1),
+                        "num_rejected_steps": jnp.int32(0)}
         return self._adaptive(f, x, ts)
 
     def _adaptive(self, f, x, ts):
@@ -147,7 +155,9 @@ class ode:
             max_steps=self.max_steps,
             throw=False,
         )
-        return sol.ys
+        stats = {k: jnp.asarray(sol.stats[k], jnp.int32)
+                 for k in ("num_accepted_steps", "num_rejected_steps")}
+        return sol.ys, stats
 
 
 def integrate_fixed_grid(step, f, y0, ts):

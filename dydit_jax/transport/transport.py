@@ -325,14 +325,17 @@ class Sampler:
         (t ~ 0) to data (t ~ 1), or data to noise with ``reverse``. Entry 0 is ``init``. Fixed
         methods ("euler", "heun2", "midpoint", "heun3", "rk4") take ``num_steps - 1`` steps;
         adaptive ones ("dopri5", ...; diffrax) save ``num_steps`` points.
+        ``fn.with_stats(init, model, **model_kwargs)`` returns ``(states, stats)`` with the
+        accepted and rejected step counts (``ode.sample_with_stats``).
         """
         t0, t1 = self.transport.check_interval(
             self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True,
             reverse=reverse, last_step_size=0.0)
         _ode = ode(drift=self.drift, t0=t0, t1=t1, sampler_type=sampling_method,
                    num_steps=num_steps, atol=atol, rtol=rtol, max_steps=max_steps)
-        sample = _ode.sample
-        return _with_grid(sample, _ode.grid)
+        sample = _with_grid(_ode.sample, _ode.grid)
+        sample.with_stats = _ode.sample_with_stats  # (states, solver step counts)
+        return sample
 
     def sample_ode_likelihood(self, *, sampling_method="dopri5", num_steps=50, atol=1e-6,
                               rtol=1e-3, max_steps=4096):
