@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
         mlp_ratio=4.0,
         scan_layers=False,
         remat=False,
+        remat_policy="nothing_saveable",   # with remat: what a block keeps (dit.REMAT_POLICIES)
         dtype="float32",          # compute dtype: float32 or bfloat16 (params stay float32)
     ))
 

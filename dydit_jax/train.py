@@ -55,7 +55,8 @@ def build_model(config: ml_collections.ConfigDict) -> DiT:
     return cls(input_size=mc.input_size, in_channels=mc.in_channels,
                num_classes=mc.num_classes, learn_sigma=mc.learn_sigma,
                class_dropout_prob=mc.class_dropout_prob, mlp_ratio=mc.mlp_ratio,
-               scan_layers=mc.scan_layers, remat=mc.remat, dtype=dtypes[mc.dtype],
+               scan_layers=mc.scan_layers, remat=mc.remat, remat_policy=mc.remat_policy,
+               dtype=dtypes[mc.dtype],
                dynamic=config.dynamic.enabled, dynamic_tokens=config.dynamic.tokens, **sizes)
 
 

@@ -56,6 +56,49 @@ def modulate(x, shift, scale):
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
+@jax.custom_vjp
+def materialize_gradient(x):
+    """Identity whose backward pass stores the incoming gradient in a buffer of its own (the
+    forward is untouched; values are unchanged bit for bit).
+
+    Placed between unrolled blocks, it keeps XLA from fusing the residual stream's gradient (a
+    chain of elementwise adds and LayerNorm backwards over all later blocks) into each of its
+    consumers: XLA:CPU recomputed that chain inside every block's weight-gradient transposes,
+    quadratic in depth (DiT-S/2, batch 8: the gradient took 4.1 s, 16x its forward; one fusion
+    of 858 instructions over 222 operands took 0.39 s; found with `jax.profiler`). An
+    `optimization_barrier` does not help there: XLA:CPU removes it before fusion. A
+    conditional is a computation boundary that fusion cannot cross, so the gradient is
+    materialised once per block. The predicate is data (false only when the gradient's first
+    entry is NaN) and the branches differ in form (`g`, `g + 0`: the same values but -0.0), so
+    XLA cannot fold the conditional away (identical branches it does fold). The DiT-S/2
+    gradient then takes 1.3 s.
+    """
+    return x
+
+
+def _materialize_fwd(x):
+    return x, None
+
+
+def _materialize_bwd(_, g):
+    first = g.reshape(-1)[0]
+    return (jax.lax.cond(first == first, lambda a: a, lambda a: a + 0, g),)
+
+
+materialize_gradient.defvjp(_materialize_fwd, _materialize_bwd)
+
+
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable",
+                  "everything_saveable")
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint_policies` function called `name` (one of `REMAT_POLICIES`)."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; valid: {REMAT_POLICIES}")
+    return getattr(jax.checkpoint_policies, name)
+
+
 def layer_norm(x, eps: float = 1e-6):
     """LayerNorm without affine parameters, statistics in float32 (or float64)."""
     dtype = x.dtype
@@ -197,12 +240,13 @@ class Attention(nn.Module):
         hd = d // h
         dense = functools.partial(nn.Dense, kernel_init=xavier_uniform, bias_init=zeros,
                                   dtype=self.dtype, param_dtype=self.param_dtype)
-        qkv = dense(3 * d, name="qkv")(x).reshape(b, n, 3, h, hd)
+        # Dense layers on [B*N, D] (see `Mlp`).
+        qkv = dense(3 * d, name="qkv")(x.reshape(b * n, d)).reshape(b, n, 3, h, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = dot_product_attention(q, k, v)  # [B, N, H, hd]
         if head_mask is not None:
             out = out * head_mask[:, None, :, None].astype(out.dtype)
-        return dense(d, name="proj")(out.reshape(b, n, d))
+        return dense(d, name="proj")(out.reshape(b * n, d)).reshape(b, n, d)
 
 
 def dot_product_attention(q, k, v):
@@ -233,13 +277,19 @@ class Mlp(nn.Module):
     def __call__(self, x, group_mask=None):
         dense = functools.partial(nn.Dense, kernel_init=xavier_uniform, bias_init=zeros,
                                   dtype=self.dtype, param_dtype=self.param_dtype)
-        h = dense(self.hidden_features, name="fc1")(x)
+        # The Dense layers run on the tokens flattened to [B*N, D] (a free reshape): their
+        # weight gradients are then plain [D, B*N] x [B*N, F] products. On [B, N, D], XLA:CPU
+        # transposed the activations and gradients into [D, B, N] copies first (the MLP's
+        # gradient took 1.4x as long; measured on DiT-S/2 shapes).
+        lead, d = x.shape[:-1], x.shape[-1]
+        h = dense(self.hidden_features, name="fc1")(x.reshape(-1, d))
+        h = h.reshape(lead + (self.hidden_features,))
         if group_mask is not None:
             g = group_mask.shape[-1]
             mask = jnp.repeat(group_mask, self.hidden_features // g, axis=-1)
             h = h * mask[:, None, :].astype(h.dtype)
         h = nn.gelu(h, approximate=True)
-        return dense(x.shape[-1], name="fc2")(h)
+        return dense(d, name="fc2")(h.reshape(-1, self.hidden_features)).reshape(lead + (d,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,7 +458,11 @@ class DiT(nn.Module):
     variance values), else C. Constructor arguments are the official ones, plus:
     - `scan_layers`: run the blocks as one `nn.scan` (parameters stacked under "blocks" with a
       leading depth axis) instead of `blocks_0..blocks_{L-1}`; faster compiles for deep models.
-    - `remat`: rematerialise each block in the backward pass (activation memory ~ one block).
+    - `remat`: rematerialise each block in the backward pass (activation memory ~ one block);
+      `remat_policy` names what a block keeps (`REMAT_POLICIES`, `jax.checkpoint_policies`):
+      "nothing_saveable" (recompute everything, least memory), "dots_with_no_batch_dims_saveable"
+      (keep the Dense outputs, recompute attention and elementwise ops), "dots_saveable" (keep
+      every matmul output). Measured trade-offs: BENCHMARKS.md "Train step vs PyTorch".
     - `dtype` / `param_dtype`: compute and storage dtypes (bfloat16 compute, float32 params for
       mixed precision).
     - `dynamic`: DyDiT. Every block gets TDW routers (heads and MLP groups from the timestep
@@ -432,6 +486,7 @@ class DiT(nn.Module):
     learn_sigma: bool = True
     scan_layers: bool = False
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
     dynamic: bool = False
     dynamic_tokens: bool = True
     dtype: Dtype = jnp.float32
@@ -492,7 +547,8 @@ class DiT(nn.Module):
             return block(x, c, t_emb, noise_l, train=train, complete=complete)
 
         if self.remat:
-            body = nn.remat(body, prevent_cse=not self.scan_layers)
+            body = nn.remat(body, prevent_cse=not self.scan_layers,
+                            policy=remat_policy(self.remat_policy))
         if self.scan_layers:
             x, aux = nn.scan(body, variable_axes={"params": 0},
                              split_rngs={"params": True, "gumbel": True},
@@ -500,6 +556,7 @@ class DiT(nn.Module):
         else:
             per_layer = []
             for i, block in enumerate(self.blocks):
+                x = materialize_gradient(x)
                 x, aux_l = body(block, x, jax.tree_util.tree_map(lambda n: n[i], noise))
                 per_layer.append(aux_l)
             aux = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *per_layer)
