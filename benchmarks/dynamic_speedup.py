@@ -26,13 +26,42 @@ biases are shifted by one common constant, -quantile(logits of that block over a
 all H-1 routed heads, 1 - f), so that a fraction f of the routed heads is on across the
 schedule (the same for the group router; head/group 0 is always on). f is bisected until
 `WidthPlan.macs_ratio(model)` (our counter: whole model, routers counted, all tokens) is within
-0.005 of the target. The token router is left at its init (last bias 35: every token kept),
-so the token routing costs its router but skips nothing: the speedup measured here is the width
-(TDW) part only. The reported FLOPs ratio is `plan.macs_ratio(model, grid=engine grid)`, i.e.
+0.005 of the target. In these width rows the token router is left at its init (last bias 35:
+every token kept), so the token routing costs its router but skips nothing: they measure the
+width (TDW) part only (token skipping: the token rows below). The reported FLOPs ratio is `plan.macs_ratio(model, grid=engine grid)`, i.e.
 the bucketed widths the engine actually computes.
 
 efficiency = (static time / engine time) / (static MACs / engine MACs); 1.0 means the engine
 turns every saved MAC into saved time.
+
+Token rows (SDT token skipping; `--token-keep`, default 0.7 0.5, x `--token-widths`, default
+100 50; DiT family only): engine rows whose token routers are calibrated to keep a fraction k
+of the tokens in the MLP, at width plan w (100 = the width routers at init: every head and
+group on; 50 / 70 = the width plans above). Calibration: `CALIB_TRAJECTORIES` masked DDIM
+sampling runs of `CALIB_BATCH` samples (CFG, the benchmark's schedule, other seeds and labels
+than the timed runs) at width plan w record every block's token-router logits on x_t at every
+step; per block, the router's last kernel is scaled so that its pre-bias output has std
+`TOKEN_LOGIT_STD` over those tokens (so decisions are not a hair's breadth from 0), and its
+bias set to -quantile(scaled output, 1 - k): a fraction k of the calibration tokens has logit
+> 0 (the eval gate, kept). One bias per block serves all steps, so the kept fraction varies
+from step to step (with random weights, x_t grows towards t = 0 and with it the logit spread).
+k = 1.0 keeps the routers at init (every token kept): the same-width reference row, always
+added (`<executor><w>-k100`) except where the width-only row `<executor><w>` is that row. Only engine rows: the masked
+path's cost does not depend on its masks (it is the `masked<w>` row).
+The engine's token capacities (`--token-capacities`): "engine" (default: the engine's
+`DEFAULT_CAPACITIES`, eighths of the 2B*N rows, "1/8 grid" in the table), "auto"
+(k + 0.1, 1.0), or fractions.
+Reported per token row: the kept fraction the engine saw on the timed run
+(`Engine.sample(..., return_stats=True)`, tokens that ran the MLP / (2B * N), mean over steps
+and blocks; also per step, min and max over (step, block)); MACs ratio =
+`plan.macs_ratio(model, grid, token_counts=kept per sample [S, L])` (the kept tokens, token
+router counted); cap MACs ratio = the same with the capacity bucket each (step, block) ran
+instead of the kept count (what the engine computes: the padding slots run the MLP too), and
+`dense_fallback` = the share of (step, block) that ran the full-capacity (dense) branch with
+tokens skipped. efficiency (vs static) as above with the kept-token MACs ratio; token
+efficiency = (reference row time / this time) / (reference MACs / these MACs), the reference
+being the same width with every token kept: how much of the token saving itself turns into
+saved time.
 
 Peak memory: `resource.getrusage(RUSAGE_SELF).ru_maxrss` (the process high-water mark, KiB on
 Linux) before and after each variant's compile + timed calls; the delta is 0 when the variant
@@ -42,6 +71,9 @@ variant's footprint. (JAX's CPU device reports no `memory_stats`.)
     python benchmarks/dynamic_speedup.py                                  # full default set
     python benchmarks/dynamic_speedup.py --models DiT-S/2 --batches 8 32 --dtypes float32 \
         --plans 50 70 --steps 2 --rounds 2                                # reduced
+    python benchmarks/dynamic_speedup.py --models DiT-S/2 --batches 8 --dtypes float32 \
+        --plans 50 --steps 2 --rounds 1 --token-keep 0.7 0.5 --token-widths 100 50 \
+        --out /tmp/smoke.json                                             # token smoke run
 """
 from __future__ import annotations
 
@@ -62,8 +94,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dydit_jax import flops  # noqa: E402
-from dydit_jax.diffusion import create_diffusion  # noqa: E402
+from dydit_jax.diffusion import create_diffusion, split_loop_key  # noqa: E402
 from dydit_jax.engine import Engine, FlowEngine, WidthPlan, solver_times  # noqa: E402
+from dydit_jax.engine import gathered  # noqa: E402
+from dydit_jax.engine.sampler import DEFAULT_CAPACITIES  # noqa: E402
 from dydit_jax.engine.plan import schedule_timesteps  # noqa: E402
 from dydit_jax.models import DiT_models  # noqa: E402
 from dydit_jax.models.dit import DiT  # noqa: E402
@@ -73,6 +107,8 @@ from dydit_jax.transport import create_transport  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CFG_SCALE = 4.0
+CALIB_TRAJECTORIES, CALIB_BATCH, CALIB_SEED = 2, 8, 1000  # token-router calibration runs
+TOKEN_LOGIT_STD = 3.0  # pre-bias token-router output std after calibration
 
 
 def maxrss_kib() -> int:
@@ -119,6 +155,75 @@ def calibrate(model, variables, schedule, target, tol=0.005, iters=14):
     return best
 
 
+def token_router_outputs(model, variables, diffusion):
+    """Pre-bias token-router outputs [L, T] of every block on the x_t of `CALIB_TRAJECTORIES`
+    masked DDIM runs (CFG, `CALIB_BATCH` samples each, both CFG halves, all steps: T tokens)."""
+    @jax.jit
+    def step(v, x2, i, y):
+        t = jnp.full((x2.shape[0],), i, jnp.int32)
+        box = {}
+
+        def model_fn(x, tt):
+            out, aux = model.apply(v, x, tt, y, CFG_SCALE, method="forward_with_cfg",
+                                   complete=False)
+            box["logits"] = aux["token_logits"]  # [2B, L, N]
+            return out
+        out = diffusion.ddim_sample(model_fn, x2, t, clip_denoised=False, eta=0.0)
+        return out["sample"].astype(x2.dtype), box["logits"]
+
+    b = CALIB_BATCH
+    logits = []
+    for j in range(CALIB_TRAJECTORIES):
+        rng = jax.random.PRNGKey(CALIB_SEED + j)
+        labels = np.random.RandomState(CALIB_SEED + j).randint(0, 1000, size=b)
+        y = jnp.asarray(np.concatenate([labels, np.full(b, 1000)]), jnp.int32)
+        z = jax.random.normal(split_loop_key(rng)[0], (b, 32, 32, 4), jnp.float32)
+        x2 = jnp.concatenate([z, z], axis=0)
+        for i in range(len(diffusion.timestep_map) - 1, -1, -1):
+            x2, l = step(variables, x2, i, y)
+            logits.append(np.asarray(l))
+    logits = np.stack(logits)                                        # [runs*S, 2B, L, N]
+    logits = np.moveaxis(logits, 2, 0).reshape(model.depth, -1)      # [L, T]
+    bias = np.array([float(variables["params"][f"blocks_{l}"]["token_router"]["fc2"]["bias"][0])
+                     for l in range(model.depth)])
+    return logits - bias[:, None]
+
+
+def token_calibrated(variables, raw, keep):
+    """Copy of variables whose token routers keep a fraction `keep` of the calibration tokens
+    (see module docstring); keep 1.0: the variables themselves (routers at init)."""
+    if keep >= 1.0:
+        return variables
+    params = dict(variables["params"])
+    for l in range(raw.shape[0]):
+        name = f"blocks_{l}"
+        blk = dict(params[name])
+        router = dict(blk["token_router"])
+        fc2 = dict(router["fc2"])
+        scale = TOKEN_LOGIT_STD / max(float(raw[l].std()), 1e-12)
+        q = float(np.quantile(scale * raw[l], 1.0 - keep))
+        fc2["kernel"] = fc2["kernel"] * scale
+        fc2["bias"] = jnp.full_like(fc2["bias"], -q)
+        router["fc2"] = fc2
+        blk["token_router"] = router
+        params[name] = blk
+    return {"params": params}
+
+
+def capacity_fractions(spec, keep):
+    """--token-capacities -> (fractions for `Engine(token_capacities=...)`, short label)."""
+    if spec == ["engine"]:
+        fr = tuple(DEFAULT_CAPACITIES)
+    elif spec == ["auto"]:
+        fr = (min(1.0, round(keep + 0.1, 6)), 1.0)
+    else:
+        fr = tuple(sorted({float(f) for f in spec} | {1.0}))
+    n = len(fr)
+    if n > 2 and np.allclose(fr, np.arange(1, n + 1) / n):
+        return fr, f"1/{n} grid"
+    return fr, ",".join(f"{f:g}" for f in fr)
+
+
 def timed(fn):
     w0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn())
@@ -153,18 +258,51 @@ def run_config(args, name, dtype_name, results, out_path, meta):
               f"{ratio:.3f} ({time.perf_counter() - t0:.1f}s)", flush=True)
         plans[p] = dict(f=f, exact_ratio=ratio, variables=v)
 
+    # Token rows: (width plan, keep) -> calibrated variables (DiT family only).
+    token_rows = {}
+    if args.token_keep and flow:
+        print(f"[{name} {dtype_name}] token rows skipped: --family sit (FlowEngine.sample "
+              "returns no token statistics)", flush=True)
+    elif args.token_keep:
+        for w in args.token_widths:
+            if w not in plans:
+                t0 = time.perf_counter()
+                if w == 100:  # width routers at init
+                    wp = WidthPlan.build(model, variables, schedule)
+                    f = float(np.concatenate([wp.head_masks[..., 1:],
+                                              wp.group_masks[..., 1:]]).mean())
+                    ratio, v = wp.macs_ratio(model), variables
+                else:
+                    f, ratio, v = calibrate(model, variables, schedule, w / 100.0)
+                print(f"[{name} {dtype_name}] token-row width plan {w}: fraction on {f:.3f}, "
+                      f"exact macs ratio {ratio:.3f} ({time.perf_counter() - t0:.1f}s)",
+                      flush=True)
+                plans[w] = dict(f=f, exact_ratio=ratio, variables=v)
+            t0 = time.perf_counter()
+            raw = token_router_outputs(model, plans[w]["variables"], schedule)
+            print(f"[{name} {dtype_name}] width plan {w}: token-router outputs on "
+                  f"{raw.shape[1]} calibration tokens per block, std per block "
+                  f"{np.round(raw.std(axis=1), 2).tolist()} "
+                  f"({time.perf_counter() - t0:.1f}s)", flush=True)
+            # k = 1.0: the same-width, all-tokens reference of the token efficiency.
+            for k in sorted(set(args.token_keep) | {1.0}, reverse=True):
+                if k >= 1.0 and w in args.plans:
+                    continue  # the width-only engine row is this row
+                token_rows[(w, min(k, 1.0))] = token_calibrated(plans[w]["variables"], raw, k)
+
     for b in args.batches:
         labels = jnp.asarray(np.random.RandomState(b).randint(0, 1000, size=b), jnp.int32)
         cfg = jnp.float32(CFG_SCALE)
-        variants = {}  # key -> dict(call, compile_s, compiles, rss)
+        variants = {}  # key -> dict(call, compile_s, compiles, rss, kind, plan, token_keep)
 
-        def add(key, build):
+        def add(key, build, kind, plan=None, token_keep=None):
             r0 = maxrss_kib()
             t0 = time.perf_counter()
             call, compiles, extra = build()
             variants[key] = dict(call=call, compile_s=time.perf_counter() - t0,
                                  compiles=compiles, rss0=r0, rss1=maxrss_kib(),
-                                 wall=[], cpu=[], **extra)
+                                 wall=[], cpu=[], kind=kind, plan=plan,
+                                 token_keep=token_keep, **extra)
 
         def build_sample_fn(v, complete):
             def build():
@@ -176,7 +314,7 @@ def run_config(args, name, dtype_name, results, out_path, meta):
                 return (lambda: exe(v, rng, labels, cfg)), 1, {}
             return build
 
-        def build_engine(v, executor):
+        def build_engine(v, executor, capacities=DEFAULT_CAPACITIES):
             def build():
                 if flow:
                     eng = FlowEngine(model, v, transport, grid=args.grid, **flow_kw)
@@ -184,23 +322,50 @@ def run_config(args, name, dtype_name, results, out_path, meta):
                     ratio = eng.macs_ratio(include_routers=True)
                 else:
                     eng = Engine(model, v, schedule, sampler="ddim", grid=args.grid,
-                                 executor=executor)
+                                 executor=executor, token_capacities=capacities)
                     weights = np.full(eng.plan.num_steps, 1.0 / eng.plan.num_steps)
                     ratio = eng.plan.macs_ratio(model, grid=args.grid)
                 n = eng.warmup(b)
                 extra = dict(macs_ratio=ratio,
                              compiled_macs_ratio=float((eng.step_macs() * weights).sum()
                                                        / static_macs),
-                             block_signatures=len(eng.buckets.block_signatures()))
+                             block_signatures=len(eng.buckets.block_signatures()),
+                             engine=eng)
                 return (lambda: eng.sample(rng, labels, CFG_SCALE)), n, extra
             return build
 
-        add("static", build_sample_fn(variables, True))
+        def token_stats(var):
+            """Kept tokens the engine saw on the timed run's arguments -> the row's token
+            fields and its MACs ratios (kept tokens; capacity slots)."""
+            eng = var["engine"]
+            _, st = eng.sample(rng, labels, CFG_SCALE, return_stats=True)
+            kept = np.asarray(st["kept_tokens"], np.float64)             # [S, L], 2B rows
+            rows, n = 2 * b, model.num_patches
+            caps = np.asarray(gathered.token_capacities(eng.capacities, rows * n))
+            ran = caps[np.searchsorted(caps, kept)]                      # slots that ran
+            frac = kept / (rows * n)
+            ratio = eng.plan.macs_ratio(model, grid=args.grid, token_counts=kept / rows)
+            return dict(macs_ratio=ratio,
+                        capacity_macs_ratio=eng.plan.macs_ratio(model, grid=args.grid,
+                                                                token_counts=ran / rows),
+                        token_kept_fraction=float(frac.mean()),
+                        token_kept_per_step=frac.mean(axis=1).tolist(),
+                        token_kept_fractions=frac.tolist(),                # [S][L]
+                        token_kept_min=float(frac.min()), token_kept_max=float(frac.max()),
+                        token_slot_fraction=float((ran / (rows * n)).mean()),
+                        dense_fallback=float(((ran == rows * n) & (kept < rows * n)).mean()))
+
+        add("static", build_sample_fn(variables, True), "static")
         for p in args.plans:
             v = plans[p]["variables"]
-            add(f"masked{p}", build_sample_fn(v, False))
+            add(f"masked{p}", build_sample_fn(v, False), "masked", p)
             for ex in (["fused"] if flow else args.executors):
-                add(f"{ex}{p}", build_engine(v, ex))
+                add(f"{ex}{p}", build_engine(v, ex), ex, p)
+        for (w, k), v in token_rows.items():
+            caps, caps_label = capacity_fractions(args.token_capacities, k)
+            for ex in args.executors:
+                add(f"{ex}{w}-k{round(100 * k)}", build_engine(v, ex, caps), ex, w, k)
+                variants[f"{ex}{w}-k{round(100 * k)}"]["capacities"] = caps_label
         for r in range(args.rounds):
             for key, var in variants.items():
                 w, c = timed(var["call"])
@@ -210,14 +375,13 @@ def run_config(args, name, dtype_name, results, out_path, meta):
             print(f"[{name} {dtype_name} b{b}] round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{k} {v['wall'][-1]:.2f}s" for k, v in variants.items()), flush=True)
 
+        for var in variants.values():  # after the timed rounds: every variant equally warm
+            if var["token_keep"] is not None:
+                var.update(token_stats(var))
         st = variants["static"]
         sw, sc = statistics.median(st["wall"]), statistics.median(st["cpu"])
         for key, var in variants.items():
-            if key == "static":
-                kind, p = "static", None
-            else:
-                p = int("".join(ch for ch in key if ch.isdigit()))
-                kind = key[: -len(str(p))]
+            kind, p, k = var["kind"], var["plan"], var["token_keep"]
             w, c = statistics.median(var["wall"]), statistics.median(var["cpu"])
             row = dict(model=name, dtype=dtype_name, batch=b, steps=args.steps, variant=kind,
                        sampler=f"ode-{args.method}" if flow else "ddim",
@@ -235,6 +399,23 @@ def run_config(args, name, dtype_name, results, out_path, meta):
                            block_signatures=var["block_signatures"],
                            efficiency_wall=(sw / w) * var["macs_ratio"],
                            efficiency_cpu=(sc / c) * var["macs_ratio"])
+            if k is not None:
+                row.update(token_keep=k, token_capacities=var["capacities"],
+                           **{f: var[f] for f in (
+                               "capacity_macs_ratio", "token_kept_fraction",
+                               "token_kept_per_step", "token_kept_fractions",
+                               "token_kept_min", "token_kept_max",
+                               "token_slot_fraction", "dense_fallback")})
+                # Reference: the same width with every token kept (routers at init).
+                ref = variants.get(f"{kind}{p}") if p in args.plans else \
+                    variants.get(f"{kind}{p}-k100")
+                if ref is not None and ref is not var:
+                    rw, rc = statistics.median(ref["wall"]), statistics.median(ref["cpu"])
+                    mr = var["macs_ratio"] / ref["macs_ratio"]
+                    row.update(token_reference=f"{kind}{p}" if p in args.plans
+                               else f"{kind}{p}-k100",
+                               token_efficiency_wall=(rw / w) * mr,
+                               token_efficiency_cpu=(rc / c) * mr)
             results.append(row)
         write(out_path, meta, results)
         print_table(results)
@@ -247,18 +428,25 @@ def write(path, meta, results):
 
 
 def print_table(results):
-    hdr = ("model", "dtype", "B", "variant", "plan", "MACs", "wall s", "cpu s", "static/x wall",
-           "static/x cpu", "eff wall", "eff cpu", "exes", "compile s", "dRSS MiB")
+    hdr = ("model", "dtype", "B", "variant", "plan", "keep tgt/seen", "caps", "MACs",
+           "cap MACs", "wall s", "cpu s", "static/x wall", "static/x cpu", "eff wall", "eff cpu",
+           "tok eff wall", "tok eff cpu", "exes", "compile s", "dRSS MiB")
     print(" | ".join(hdr))
     for r in results:
         def g(k, fmt="{:.2f}"):
             v = r.get(k)
             return "-" if v is None else fmt.format(v)
+        keep = "-" if r.get("token_keep") is None else \
+            f"{r['token_keep']:.2f}/{r['token_kept_fraction']:.3f}"
         print(" | ".join([r["model"], r["dtype"], str(r["batch"]), r["variant"],
-                          "-" if r["plan"] is None else str(r["plan"]), g("macs_ratio", "{:.3f}"),
+                          "-" if r["plan"] is None else str(r["plan"]), keep,
+                          r.get("token_capacities", "-"), g("macs_ratio", "{:.3f}"),
+                          g("capacity_macs_ratio", "{:.3f}"),
                           g("wall_s"), g("cpu_s"), g("speedup_wall"), g("speedup_cpu"),
-                          g("efficiency_wall"), g("efficiency_cpu"), str(r["compiles"]),
-                          g("compile_s", "{:.1f}"), g("maxrss_delta_mib", "{:.0f}")]), flush=True)
+                          g("efficiency_wall"), g("efficiency_cpu"),
+                          g("token_efficiency_wall"), g("token_efficiency_cpu"),
+                          str(r["compiles"]), g("compile_s", "{:.1f}"),
+                          g("maxrss_delta_mib", "{:.0f}")]), flush=True)
 
 
 def main():
@@ -277,9 +465,21 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="DDIM steps / ODE solver steps")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--token-keep", nargs="*", type=float, default=[0.7, 0.5],
+                    help="token rows: target fractions of tokens kept in the MLP (the 1.0 "
+                         "reference, token routers at init, is always added); none: no token "
+                         "rows")
+    ap.add_argument("--token-widths", nargs="+", type=int, default=[100, 50],
+                    help="token rows: width plans, percent (100: width routers at init, all "
+                         "heads and groups on; others as --plans)")
+    ap.add_argument("--token-capacities", nargs="+", default=["engine"],
+                    help='token rows: engine token capacities: "engine" (its default, eighths), '
+                         '"auto" (keep + 0.1, 1.0) or fractions of the 2B*N rows')
     ap.add_argument("--out", default=None,
                     help="default: results/dynamic_speedup.json (_sit.json for --family sit)")
     args = ap.parse_args()
+    if any(not 0.0 < k <= 1.0 for k in args.token_keep):
+        ap.error(f"--token-keep fractions must lie in (0, 1], got {args.token_keep}")
     if args.out is None:
         args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                 "dynamic_speedup" + ("_sit" if args.family == "sit" else "")
@@ -292,7 +492,10 @@ def main():
                                  loadavg_start=os.getloadavg()),
                 cfg_scale=CFG_SCALE, family=args.family,
                 sampler=f"ode-{args.method}" if args.family == "sit" else "ddim",
-                steps=args.steps, grid=args.grid,
+                steps=args.steps, grid=args.grid, token_keep=args.token_keep,
+                token_widths=args.token_widths, token_capacities=args.token_capacities,
+                token_calibration=dict(trajectories=CALIB_TRAJECTORIES, batch=CALIB_BATCH,
+                                       seed=CALIB_SEED, logit_std=TOKEN_LOGIT_STD),
                 peak_memory="ru_maxrss delta (process high-water mark), MiB")
     results = []
     for name in args.models:

@@ -61,4 +61,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from dydit_jax import cpu_env
+    cpu_env.reexec_with_malloc_tunables()   # huge pages for XLA:CPU's buffers (cpu_env.py)
     app.run(main)
