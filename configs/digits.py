@@ -6,8 +6,8 @@ recipe (AdamW, constant lr, EMA, ADM diffusion with learned sigma).
 
     python -m dydit_jax.main --config=configs/digits.py --workdir=runs/digits
 
-Expected on a 2-core CPU: 4.7 minutes for 2,000 steps at batch 32 and the sample grid on a quiet
-machine (measured; 22 minutes on a busy one); the loss (eps MSE + VLB)
+Expected on a 2-core CPU: 2 minutes for 2,000 steps at batch 32 and the sample grid on a quiet
+machine (measured, install included; much longer on a busy one); the loss (eps MSE + VLB)
 falls to about 0.05 (0.047 measured), and `runs/digits/samples/grid.png` shows recognisable digits
 (rows = classes 0..9, 50 DDIM steps, CFG 3.0).
 Variants: `configs/digits.py:steps=500` (quick smoke run), `:size=32`.

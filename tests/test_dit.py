@@ -206,3 +206,21 @@ def test_presets_parameter_counts():
                             jnp.zeros(1), jnp.zeros(1, jnp.int32))
     count = sum(np.prod(s.shape) for s in traverse_util.flatten_dict(shapes).values())
     assert count + 256 * 1152 == 675_129_632
+
+
+@pytest.mark.parametrize("policy", ["dots_with_no_batch_dims_saveable", "dots_saveable"])
+def test_remat_policies_keep_outputs_and_gradients(policy):
+    """`remat_policy` changes what the backward recomputes, never the values; unknown names
+    are refused with the valid ones."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
+    t, y = jnp.array([3.0, 700.0]), jnp.array([1, 2])
+    base = DiT(**TINY)
+    variables = base.init(jax.random.PRNGKey(1), x, t, y)
+    loss = lambda m: jax.grad(lambda v: jnp.mean(m.apply(v, x, t, y) ** 2))(variables)  # noqa
+    ref = loss(base)
+    for kw in (dict(remat=True, remat_policy=policy),):
+        got = loss(DiT(**TINY, **kw))
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got,
+                               ref)
+    with pytest.raises(ValueError, match="unknown remat policy 'dots'.*nothing_saveable"):
+        DiT(**TINY, remat=True, remat_policy="dots").apply(variables, x, t, y)
