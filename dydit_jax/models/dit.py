@@ -462,7 +462,7 @@ class DiT(nn.Module):
       `remat_policy` names what a block keeps (`REMAT_POLICIES`, `jax.checkpoint_policies`):
       "nothing_saveable" (recompute everything, least memory), "dots_with_no_batch_dims_saveable"
       (keep the Dense outputs, recompute attention and elementwise ops), "dots_saveable" (keep
-      every matmul output). Measured trade-offs: BENCHMARKS.md "Train step vs PyTorch".
+      every matmul output). Measured trade-offs: BENCHMARKS.md "Remat policies".
     - `dtype` / `param_dtype`: compute and storage dtypes (bfloat16 compute, float32 params for
       mixed precision).
     - `dynamic`: DyDiT. Every block gets TDW routers (heads and MLP groups from the timestep
