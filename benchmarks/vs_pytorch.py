@@ -923,6 +923,15 @@ def memory_table(results):
     return markdown(headers, body)
 
 
+def _portable_args(args):
+    """The arguments for the JSON: paths inside the repository relative to it, no temporary
+    paths (the results must not name this machine's directories)."""
+    out = {k: v for k, v in vars(args).items() if k != "weights_path"}
+    if out.get("out") and os.path.abspath(out["out"]).startswith(ROOT + os.sep):
+        out["out"] = os.path.relpath(os.path.abspath(out["out"]), ROOT)
+    return out
+
+
 def environment(args, ref):
     import torch
 
@@ -1051,7 +1060,8 @@ def main(argv=None):
             json.dump(dict(command=" ".join([os.path.basename(sys.executable)] + sys.argv),
                            date=datetime.datetime.now(datetime.timezone.utc)
                            .isoformat(timespec="seconds"),
-                           environment=env, args=vars(args), results=rows, memory=memory,
+                           environment=env, args=_portable_args(args), results=rows,
+                           memory=memory,
                            dydit=dydit, remat_policies=policies_status or args.remat_policies),
                       f, indent=1)
         print(f"\nwrote {args.out}")
