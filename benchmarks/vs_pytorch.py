@@ -247,30 +247,52 @@ def timed(fn, sync):
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def run_rounds(jobs, rounds, warmup):
+def run_rounds(jobs, rounds, warmup, call=None):
     """jobs: {code: {job: (fn, sync)}}. Warm-up, then interleaved rounds (see the docstring).
+    `call(code, job) -> (wall s, CPU s)` times one call (default: `timed` of jobs' entry; the
+    worker mode passes one that asks the code's worker process).
 
     Returns {code: {job: {"warmup_s": [...], "wall_s": [...], "cpu_s": [...]}}}.
     """
+    call = call or (lambda code, name: timed(*jobs[code][name]))
     times = {code: {name: {"warmup_s": [], "wall_s": [], "cpu_s": []} for name in js}
              for code, js in jobs.items()}
     codes = list(jobs)
     for code in codes:
-        for name, (fn, sync) in jobs[code].items():
+        for name in jobs[code]:
             for _ in range(warmup):
-                times[code][name]["warmup_s"].append(timed(fn, sync)[0])
+                times[code][name]["warmup_s"].append(call(code, name)[0])
             print(f"  warm-up {code} {name}: {sum(times[code][name]['warmup_s']):.2f} s",
                   flush=True)
     for r in range(rounds):
         order = codes if r % 2 == 0 else codes[::-1]
         for code in order:
-            for name, (fn, sync) in jobs[code].items():
-                wall, cpu = timed(fn, sync)
+            for name in jobs[code]:
+                wall, cpu = call(code, name)
                 times[code][name]["wall_s"].append(wall)
                 times[code][name]["cpu_s"].append(cpu)
                 print(f"  round {r + 1}/{rounds} {code} {name}: {wall:.3f} s wall, "
                       f"{cpu:.3f} s CPU", flush=True)
     return times
+
+
+def comparison_rows(name, args, params, torch_jobs, jax_jobs, times, jinfo, **extra):
+    """One result row per jax job against the torch job of the same name (the jax-only remat
+    policy jobs against torch's "train")."""
+    rows = []
+    for job in jax_jobs:
+        info = jinfo.get(job) or {}
+        row = dict(model=name, job=job, batch=args.batch, params=params,
+                   images_per_call=args.batch,   # sample: B samples (2B rows per step)
+                   torch=_summary(times["torch"][job if job in torch_jobs else "train"]),
+                   jax=dict(_summary(times["jax"][job]), **info),
+                   flops_per_call=info.get("flops"), **extra)
+        row["ratio_wall"] = row["torch"]["best_wall_s"] / row["jax"]["best_wall_s"]
+        row["ratio_cpu"] = row["torch"]["best_cpu_s"] / row["jax"]["best_cpu_s"]
+        if job not in torch_jobs:
+            row["torch_job"] = "train"
+        rows.append(row)
+    return rows
 
 
 def _rss_mib():
@@ -575,20 +597,7 @@ def bench_model(name, args, ref):
         if not np.isfinite(float(loss)):
             raise FloatingPointError(f"{name} {code}: non-finite training loss")
 
-    rows = []
-    for job in jjobs:
-        tt = times["torch"][job if job in tjobs else "train"]
-        jt = times["jax"][job]
-        info = jinfo.get(job) or {}
-        row = dict(model=name, job=job, batch=args.batch, params=n_params,
-                   images_per_call=args.batch,   # sample: B samples (2B rows per step)
-                   torch=_summary(tt), jax=dict(_summary(jt), **info),
-                   flops_per_call=info.get("flops"))
-        row["ratio_wall"] = row["torch"]["best_wall_s"] / row["jax"]["best_wall_s"]
-        row["ratio_cpu"] = row["torch"]["best_cpu_s"] / row["jax"]["best_cpu_s"]
-        if job not in tjobs:
-            row["torch_job"] = "train"
-        rows.append(row)
+    rows = comparison_rows(name, args, n_params, tjobs, jjobs, times, jinfo)
     del tjobs, jjobs
     gc.collect()
     return rows
@@ -678,10 +687,8 @@ def bench_model_isolated(name, args):
             if kind == "error":
                 raise RuntimeError(payload)
             workers[code], ready[code] = (proc, parent), payload
-        jobs = {"torch": ["forward", "sample", "train"],
-                "jax": list(ready["jax"]["info"])}
-        times = {code: {job: {"warmup_s": [], "wall_s": [], "cpu_s": []} for job in js}
-                 for code, js in jobs.items()}
+        jobs = {"torch": dict.fromkeys(("forward", "sample", "train")),
+                "jax": dict.fromkeys(ready["jax"]["info"])}
 
         def call(code, job):
             conn = workers[code][1]
@@ -691,38 +698,12 @@ def bench_model_isolated(name, args):
                 raise RuntimeError(payload)
             return payload
 
-        for code in jobs:
-            for job in jobs[code]:
-                for _ in range(args.warmup):
-                    times[code][job]["warmup_s"].append(call(code, job)[0])
-                print(f"  warm-up {code} {job}: {sum(times[code][job]['warmup_s']):.2f} s",
-                      flush=True)
-        for r in range(args.rounds):
-            for code in (("torch", "jax") if r % 2 == 0 else ("jax", "torch")):
-                for job in jobs[code]:
-                    wall, cpu = call(code, job)
-                    times[code][job]["wall_s"].append(wall)
-                    times[code][job]["cpu_s"].append(cpu)
-                    print(f"  round {r + 1}/{args.rounds} {code} {job}: {wall:.3f} s wall, "
-                          f"{cpu:.3f} s CPU", flush=True)
+        times = run_rounds(jobs, args.rounds, args.warmup, call=call)
         for proc, conn in workers.values():
             conn.send(None)
             proc.join(timeout=60)
-    jinfo = ready["jax"]["info"]
-    rows = []
-    for job in jobs["jax"]:
-        tt = times["torch"][job if job in jobs["torch"] else "train"]
-        info = jinfo.get(job) or {}
-        row = dict(model=name, job=job, batch=args.batch, params=ready["torch"]["params"],
-                   images_per_call=args.batch, processes="one per code",
-                   torch=_summary(tt), jax=dict(_summary(times["jax"][job]), **info),
-                   flops_per_call=info.get("flops"))
-        row["ratio_wall"] = row["torch"]["best_wall_s"] / row["jax"]["best_wall_s"]
-        row["ratio_cpu"] = row["torch"]["best_cpu_s"] / row["jax"]["best_cpu_s"]
-        if job not in jobs["torch"]:
-            row["torch_job"] = "train"
-        rows.append(row)
-    return rows
+    return comparison_rows(name, args, ready["torch"]["params"], jobs["torch"], jobs["jax"],
+                           times, ready["jax"]["info"], processes="one per code")
 
 
 # --------------------------------------------------------------------------------------------

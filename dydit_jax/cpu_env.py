@@ -3,7 +3,7 @@
 XLA:CPU allocates each train step's temporary buffers afresh (DiT-B/2 at batch 8: 2.8 GB per
 step) and glibc serves allocations that large with a fresh `mmap` (and returns them with
 `munmap`), so every step page-faults all of that memory in again: 730k faults per step,
-measured with `getrusage` on a 2-core VM, costing 1.1-7.5 s of system time per step (the
+measured with `getrusage` around single steps on a 2-core VM (ad-hoc script), costing 1.1-7.5 s of system time per step (the
 price of a fault varied 5x with what else the machine's memory had held; the step's compute
 is ~3.2 s). With glibc's tunables
 
