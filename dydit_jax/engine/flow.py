@@ -189,11 +189,7 @@ class FlowEngine(Engine):
         With `return_stats`, returns (x1, stats): the solver's `num_accepted_steps` and
         `num_rejected_steps` (ints; a fixed grid: num_steps - 1 and 0). Per-step token
         statistics are not collected for flow solvers (use `forward(x, step, labels)`)."""
-        labels = self._labels(labels)
-        rng, cfg_scale = self._put(rng), self._put(np.float32(cfg_scale))
-        exe = self._fused_executable("sample", labels.shape[0],
-                                     jax.ShapeDtypeStruct(rng.shape, rng.dtype))
-        x1, stats = exe(self._rest, self._blocks, self._plan_arrays, rng, labels, cfg_scale)
+        x1, stats = self._run_fused_sample(rng, self._labels(labels), cfg_scale)
         if not return_stats:
             return x1
         return x1, {k: int(v) for k, v in jax.device_get(stats).items()}

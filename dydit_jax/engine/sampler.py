@@ -422,18 +422,24 @@ class Engine:
         the MLP, summed over the model batch, step index order) and
         stats["token_fraction"] [S, L] (kept / (rows * N))."""
         labels = self._labels(labels)
-        rng, cfg_scale = self._put(rng), self._put(np.float32(cfg_scale))
         b = labels.shape[0]
         if self.executor == "fused":
-            exe = self._fused_executable("sample", b, jax.ShapeDtypeStruct(rng.shape, rng.dtype))
-            x0, kept = exe(self._rest, self._blocks, self._plan_arrays, rng, labels, cfg_scale)
+            x0, kept = self._run_fused_sample(rng, labels, cfg_scale)
         else:
+            rng, cfg_scale = self._put(rng), self._put(np.float32(cfg_scale))
             x0, kept = self._blocks_sample(rng, labels, cfg_scale)
         if not return_stats:
             return x0
         kept = np.asarray(jax.device_get(kept))
         frac = kept / float(self._rows(b) * self.model.num_patches)
         return x0, {"kept_tokens": kept, "token_fraction": frac}
+
+    def _run_fused_sample(self, rng, labels, cfg_scale):
+        """The fused sampling executable on checked labels: (samples, its second output)."""
+        rng, cfg_scale = self._put(rng), self._put(np.float32(cfg_scale))
+        exe = self._fused_executable("sample", labels.shape[0],
+                                     jax.ShapeDtypeStruct(rng.shape, rng.dtype))
+        return exe(self._rest, self._blocks, self._plan_arrays, rng, labels, cfg_scale)
 
     def forward(self, x, step: int, labels, cfg_scale: Optional[float] = None):
         """The gathered model output at sampler step index `step` (model timestep
