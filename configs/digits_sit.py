@@ -48,8 +48,8 @@ def get_config(arg=None):
                        sampler=args.sampler, method=args.method, num_steps=args.sample_steps)
     if args.lam > 0:
         if not args.init:
-            raise ValueError("DyDiT fine-tuning (lam>0) starts from a trained SiT: pass "
-                             "init=<workdir of configs/digits_sit.py>")
+            raise config_lib.ConfigError("DyDiT fine-tuning (lam>0) starts from a trained SiT: "
+                                         "pass init=<workdir of configs/digits_sit.py>")
         c.dynamic.update(enabled=True, target=args.lam, warmup_steps=args.warmup,
                          hold_steps=100, stage=1, reorder=True)
         c.train.update(init_from=args.init, lr=3e-4)

@@ -2,10 +2,17 @@
 
 A config file (`configs/<name>.py`) calls `base_config()`, overrides what differs and returns it.
 Every key that any mode reads is defined here, so an unknown `--config.x.y=` override is an error
-that names the key (ml_collections refuses keys that do not exist), and a typo in a config file
-is caught by `validate`.
+that names the key and the closest one (`unknown_key_error`), and a typo in a config file is
+caught by `validate`, which also checks every value before a run starts (`check_sources`: the
+files a mode reads; `check_devices`: the mesh). Their errors are `ConfigError`s.
 """
 from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import os
+import re
 
 import ml_collections
 
@@ -32,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
         remat=False,
         remat_policy="nothing_saveable",   # with remat: what a block keeps (dit.REMAT_POLICIES)
         dtype="float32",          # compute dtype: float32 or bfloat16 (params stay float32)
+        # official (facebookresearch/DiT) | diffusers (DiTTransformer2DModel: other timestep
+        # frequencies, pre-MLP LayerNorm eps 1e-5; the same weights): dit.NUMERICS
+        numerics="official",
     ))
 
     # DyDiT (DESIGN.md 1): routers in the model and the FLOPs-constrained objective.
@@ -141,6 +151,10 @@ def base_config() -> ml_collections.ConfigDict:
         clip_denoised=False,
         engine="masked",         # dynamic models: masked (the release's path) | gathered (the
                                  # engine: same samples, fewer FLOPs) | static (complete model)
+        vae_dir=opt_str(),       # latent models: the SD-VAE folder that decodes the samples to
+                                 # pictures (None: evaluate.vae_dir; neither: latents.npz only)
+        output_dir="",           # empty: <workdir>/samples/<weights>-<sampler>-cfg<s>[-engine]
+        overwrite=False,         # rewrite a samples folder that already holds these samples
     ))
 
     # mode=evaluate (dydit_jax/evaluate.py): FID-50K etc. of the `sample.checkpoint` weights
@@ -169,7 +183,9 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=64,           # global encoder batch
         image_size=0,            # pixels; 0: model.input_size * the VAE's downsampling
     ))
-    c.compilation_cache_dir = ""
+    # JAX's persistent compilation cache: "auto" = <workdir>/xla_cache, so a second run of the
+    # same workdir starts warm (entries are keyed by the compiled program); "" disables.
+    c.compilation_cache_dir = "auto"
     return c
 
 
@@ -204,8 +220,8 @@ def imagenet_config(model_name: str, arg: str | None) -> ml_collections.ConfigDi
         # DyDiT recipe (paper/code): from a trained DiT, AdamW 1e-4, stage 1, target schedule
         # 1.0 for 100 steps then a ramp over 1k (lambda 0.5) or 5k (lambda 0.7) steps.
         if not args.init:
-            raise ValueError("DyDiT fine-tuning (lam>0) starts from a trained DiT/SiT: pass "
-                             "init=<converted params dir, .pt file or workdir>")
+            raise ConfigError("DyDiT fine-tuning (lam>0) starts from a trained DiT/SiT: pass "
+                              "init=<converted params dir, .pt file or workdir>")
         c.dynamic.update(enabled=True, target=args.lam, stage=1, hold_steps=100,
                          warmup_steps=1000 if args.lam <= 0.5 else 5000)
         if "steps" not in (arg or ""):
@@ -228,27 +244,357 @@ def parse_arg(arg: str | None, **defaults):
         return out
     for item in arg.split(","):
         if "=" not in item:
-            raise ValueError(f"config arg {item!r} is not key=value; valid keys: "
-                             f"{sorted(defaults)}")
+            raise ConfigError(f"config arg {item!r} is not key=value; valid keys: "
+                              f"{sorted(defaults)}")
         key, value = item.split("=", 1)
         if key not in defaults:
-            raise KeyError(f"unknown config arg {key!r}; valid keys: {sorted(defaults)}")
+            raise UnknownKeyError(f"unknown config arg {key!r}; valid keys: {sorted(defaults)}")
         kind = type(defaults[key])
         out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Checks: every key and value a run reads, before anything is compiled or a workdir is made.
+# `validate` (keys and values) and `check_sources` (the files a mode reads) are plain Python;
+# `check_devices` needs the device count. main.run calls them in that order (check_sources
+# for the command line).
+# ----------------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A config key or value that a run cannot use. The message names the key, the value and
+    what would be valid; the command line prints it as one line."""
+
+
+class UnknownKeyError(ConfigError, KeyError):
+    """A key the code does not know (also a KeyError, as ml_collections raises for one)."""
+    __str__ = ValueError.__str__   # KeyError's str() would quote the message
+
+
+DTYPES = ("float32", "bfloat16")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks a config against `base_config()`: no key that the code does not know."""
-    _compare(config, base_config(), "config")
-    if config.mode not in MODES:
-        raise ValueError(f"config.mode={config.mode!r}; valid: {MODES}")
+    """Checks a config before anything runs (nothing is traced or compiled): every key is one
+    of `base_config()`'s and every value that the modes read is in its valid range. Raises
+    ConfigError (UnknownKeyError for a key) naming the key, the value and what would be valid.
+    Imports the model and transport modules for their name tables (jax is imported, its
+    backend is not started, so `jax.distributed.initialize()` may still follow)."""
+    _compare(config, base_config(), "", _flat_keys(base_config()))
+    _check_choice(config, "mode", MODES)
+    _check_model(config)
+    _check_positive(config, "diffusion.diffusion_steps", "train.batch_size", "train.num_steps",
+                    "train.log_every", "train.checkpoint_every", "sample.per_class",
+                    "sample.batch_size", "evaluate.batch_size", "evaluate.chunk_size",
+                    "extract.shard_size", "extract.batch_size")
+    _check_sample(config)
+    if config.evaluate.num_samples < 2:
+        _fail("evaluate.num_samples", config.evaluate.num_samples,
+              "FID needs >= 2 samples for its covariance (the protocol uses 50000)")
+    if not 0 < config.dynamic.target <= 1:
+        _fail("dynamic.target", config.dynamic.target,
+              "the FLOPs ratio to reach must be in (0, 1]")
+    _check_data(config)
+    if config.transport.enabled:
+        _check_transport(config)
 
 
-def _compare(cfg, ref, prefix):
+def check_sources(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Checks the files and directories that `config.mode` reads and the workdir, so that a
+    wrong path fails at once instead of after the model is built (and leaves no workdir).
+    Only local paths are checked: gs:// and other URLs are left to their readers; tfds finds
+    its data in its default directory when `data.data_dir` is None. Raises ConfigError."""
+    mode, dc, ec = config.mode, config.data, config.evaluate
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir!r} exists and is not a directory")
+    if mode in ("sample", "plot", "evaluate"):
+        _check_weights(config, workdir)
+    if mode == "train":
+        _check_exists(config, "train.init_from", "it should be a training workdir, an orbax "
+                      "params directory or an official .pt / .safetensors file")
+    reads_data = mode in ("train", "plot") or (mode == "evaluate" and not ec.reference_batch)
+    if reads_data and dc.name == "latents":
+        extract_first = ("data.name=latents reads the VAE latent shards that mode=extract "
+                         "writes: run mode=extract first (dydit_jax/extract_latents.py) and set "
+                         "config.data.path to its output directory")
+        if not dc.path:
+            _fail("data.path", dc.path, extract_first)
+        _check_exists(config, "data.path", extract_first)
+    if (reads_data and dc.name == "imagenet") or mode == "extract":
+        _check_exists(config, "data.data_dir", "it should be the tfds data directory that "
+                      f"holds {dc.tfds_name!r} (None: tfds's default directory)")
+        if dc.download_and_prepare:
+            _check_exists(config, "data.manual_dir", "it should hold the manually downloaded "
+                          "archives that tfds prepares (ILSVRC2012_img_train.tar for ImageNet)")
+    vae_hint = "it should be a diffusers AutoencoderKL folder, e.g. sd-vae-ft-ema"
+    if mode in ("sample", "evaluate", "extract"):
+        _check_exists(config, "evaluate.vae_dir", vae_hint)
+    if mode in ("sample", "train"):   # train mode samples at the end
+        _check_exists(config, "sample.vae_dir", vae_hint)
+    if (mode == "extract" or (mode == "evaluate" and dc.name == "latents")) and not ec.vae_dir:
+        _fail("evaluate.vae_dir", ec.vae_dir, f"mode={mode} with data.name={dc.name} needs the "
+              f"VAE of the latents: {vae_hint}")
+    if mode == "evaluate":
+        if not ec.inception_path:
+            _fail("evaluate.inception_path", ec.inception_path, "mode=evaluate needs the FID "
+                  "Inception weights (.npz; see dydit_jax/evaluation/inception.py)")
+        _check_exists(config, "evaluate.inception_path", "it should be the FID Inception "
+                      "weights (.npz; see dydit_jax/evaluation/inception.py)")
+        _check_exists(config, "evaluate.reference_batch", "it should be an ADM reference .npz "
+                      "(e.g. VIRTUAL_imagenet256_labeled.npz), or None to draw the reference "
+                      "from the training data")
+
+
+def check_devices(config: ml_collections.ConfigDict, device_count: int,
+                  process_count: int = 1) -> None:
+    """Checks `config.mesh` against the devices, and the global train batch against the batch
+    shards (mesh.data * mesh.fsdp: all devices), which `sharding.create_mesh` and the train
+    loop would otherwise refuse only after the model is built. Raises ConfigError."""
+    mc = config.mesh
+    divisors = [d for d in range(1, device_count + 1) if device_count % d == 0]
+    if mc.fsdp not in divisors:
+        _fail("mesh.fsdp", mc.fsdp, f"must divide the {device_count} devices: valid: "
+              f"{', '.join(map(str, divisors))}")
+    if mc.data != -1 and mc.data * mc.fsdp != device_count:
+        _fail("mesh.data", mc.data, f"mesh.data * mesh.fsdp = {mc.data} * {mc.fsdp} must equal "
+              f"the {device_count} devices: set config.mesh.data={device_count // mc.fsdp} or -1 "
+              f"(all the devices that mesh.fsdp leaves)")
+    multiple = math.lcm(device_count, process_count)
+    batch = config.train.batch_size
+    if config.mode == "train" and batch % multiple:
+        below, above = batch // multiple * multiple, (batch // multiple + 1) * multiple
+        works = f"{below} or {above}" if below else f"{above}"
+        _fail("train.batch_size", batch, f"the global batch must be divisible by the "
+              f"{device_count} batch shards (mesh.data * mesh.fsdp = all devices) and the "
+              f"{process_count} hosts: e.g. {works}")
+
+
+def unknown_key_error(config: ml_collections.ConfigDict, key: str):
+    """The UnknownKeyError of an override `--config.<key>=...` that `config` has no key for,
+    naming the closest key; None when the key exists."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return UnknownKeyError(f"unknown config key config.{key}"
+                                   + _did_you_mean(key, _flat_keys(config)))
+        node = node[part]
+    return None
+
+
+def config_lines(config: ml_collections.ConfigDict) -> list:
+    """`key = value  # comment` for every key of `config` (what `--config.help` prints); the
+    comments are `base_config()`'s."""
+    comments = _key_comments()
+    lines = []
+    for key in _flat_keys(config):
+        value = _get(config, key)
+        if not isinstance(value, ml_collections.ConfigDict):
+            comment = f"  # {comments[key]}" if key in comments else ""
+            lines.append(f"{key} = {value!r}{comment}")
+    return lines
+
+
+def _key_comments() -> dict:
+    """{"sample.cfg_scale": "1.0 disables guidance", ...}: the comment on each key's line in
+    `base_config()` (plus the comment lines that continue it, indented past the key)."""
+    comments, section, last, indent = {}, "", [], 0
+    for line in inspect.getsource(base_config).splitlines():
+        code, _, comment = line.partition("#")
+        opened = re.match(r"\s*c\.(\w+) = ml_collections\.ConfigDict", code)
+        if opened:
+            section = opened.group(1) + "."
+        keys = [section + k for k in re.findall(r"\b(\w+)=(?!=)", code)]
+        if code.strip() or not comment:
+            last, indent = keys, len(code) - len(code.lstrip())
+            for key in keys:
+                if comment.strip():
+                    comments[key] = comment.strip()
+        elif last and line.index("#") > indent + 4:   # a comment continuing the last key's
+            for key in last:
+                comments[key] = f"{comments.get(key, '')} {comment.strip()}".strip()
+        else:
+            last = []
+    return comments
+
+
+def _flat_keys(config, prefix: str = "") -> list:
+    """Every key of `config` as a dotted path ("sample.cfg_scale"), sections included."""
+    keys = []
+    for key, value in config.items():
+        keys.append(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys += _flat_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _did_you_mean(key: str, candidates) -> str:
+    match = difflib.get_close_matches(key, candidates, n=1)
+    return f"; did you mean config.{match[0]}?" if match else "; --config.help lists the keys"
+
+
+def _get(config, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def _fail(key: str, value, why: str):
+    raise ConfigError(f"config.{key}={value!r}: {why}")
+
+
+def _check_choice(config, key: str, valid) -> None:
+    value = _get(config, key)
+    if value not in valid:
+        _fail(key, value, f"valid: {', '.join(map(repr, valid))}")
+
+
+def _check_positive(config, *keys: str) -> None:
+    for key in keys:
+        value = _get(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            _fail(key, value, "must be a positive integer")
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def _check_exists(config, key: str, hint: str) -> None:
+    """A path key, when set and local, names something that exists."""
+    path = _get(config, key)
+    if path and _is_local(path) and not os.path.exists(os.path.expanduser(path)):
+        _fail(key, path, f"no such file or directory; {hint}")
+
+
+def _check_weights(config, workdir: str) -> None:
+    """The weights of sample / plot / evaluate: `sample.checkpoint`, else the workdir's."""
+    if config.sample.checkpoint:
+        _check_exists(config, "sample.checkpoint", "it should be an orbax params directory (the "
+                      "converter's output) or an official .pt / .safetensors file")
+    elif _is_local(workdir) and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        _fail("sample.checkpoint", "", f"mode={config.mode} then reads the latest checkpoint of "
+              f"--workdir={workdir}, which has none: train there first (mode=train), or set "
+              f"--config.sample.checkpoint=<params directory, .pt or .safetensors file>")
+
+
+def _check_model(config) -> None:
+    from dydit_jax.models import dit
+
+    mc = config.model
+    if mc.name == "custom":
+        _check_positive(config, "model.hidden_size", "model.depth", "model.num_heads",
+                        "model.patch_size")
+        if mc.hidden_size % mc.num_heads:
+            _fail("model.hidden_size", mc.hidden_size, f"must be divisible by "
+                  f"config.model.num_heads={mc.num_heads}")
+        patch = mc.patch_size
+    else:
+        prefix = "SiT" if mc.name.startswith("SiT") else "DiT"
+        sizes = f"{{{','.join(dit.SIZES)}}}/{{2,4,8}}"
+        try:
+            patch = dit.named_config(mc.name, prefix)["patch_size"]
+        except ValueError:
+            _fail("model.name", mc.name, f"valid: DiT-{sizes}, SiT-{sizes}, or 'custom' with "
+                  f"config.model.hidden_size/depth/num_heads/patch_size")
+        if prefix == "SiT" and not config.transport.enabled:
+            _fail("model.name", mc.name, "a SiT is a flow-matching model: set "
+                  "config.transport.enabled=True")
+    _check_positive(config, "model.input_size", "model.in_channels", "model.num_classes")
+    if mc.input_size % patch:
+        _fail("model.input_size", mc.input_size, f"must be divisible by the patch size {patch}")
+    _check_choice(config, "model.dtype", DTYPES)
+    _check_choice(config, "model.remat_policy", dit.REMAT_POLICIES)
+    if "numerics" in mc:
+        _check_choice(config, "model.numerics", tuple(dit.NUMERICS))
+
+
+def _check_sample(config) -> None:
+    """`sample` and the sampler keys of `evaluate`."""
+    from dydit_jax import sampling
+
+    sc, n = config.sample, config.model.num_classes
+    bad = [c for c in sc.classes if isinstance(c, bool) or not isinstance(c, int)
+           or not 0 <= c < n]
+    if bad:
+        _fail("sample.classes", sc.classes, f"class ids must be in [0, num_classes={n}) "
+              f"(config.model.num_classes); not {', '.join(map(repr, bad))}")
+    if sc.eta < 0:
+        _fail("sample.eta", sc.eta, "DDIM's eta must be >= 0 (0: deterministic; 1: DDPM-like)")
+    _check_choice(config, "sample.engine", sampling.SAMPLE_ENGINES)
+    if sc.engine == "gathered" and not config.dynamic.enabled:
+        _fail("sample.engine", sc.engine, "the gathered engine runs a dynamic model: set "
+              "config.dynamic.enabled=True, or use engine=masked")
+    for section in ("sample", "evaluate"):   # each has a sampler, num_steps and cfg_scale
+        cfg_key = f"{section}.cfg_scale"
+        if _get(config, cfg_key) < 0:
+            _fail(cfg_key, _get(config, cfg_key), "the guidance scale must be >= 0 (1.0 "
+                  "disables guidance, as any value <= 1 does; > 1 guides)")
+        _check_choice(config, f"{section}.sampler", sampling.SAMPLERS)
+        if not config.transport.enabled:   # flow models sample with config.transport's solver
+            _check_num_steps(config, section)
+
+
+def _check_num_steps(config, section: str) -> None:
+    """`<section>.num_steps` respaces the diffusion's steps: 1..diffusion_steps, and for DDIM
+    a count that an integer stride gives (`space_timesteps("ddimN")`)."""
+    from dydit_jax.diffusion import space_timesteps
+
+    key, total = f"{section}.num_steps", config.diffusion.diffusion_steps
+    steps, sampler = _get(config, key), _get(config, f"{section}.sampler")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= total:
+        _fail(key, steps, f"the {sampler} sampler's steps must be in [1, {total}] "
+              f"(config.diffusion.diffusion_steps)")
+    if sampler == "ddim":
+        try:
+            space_timesteps(total, f"ddim{steps}")
+        except ValueError:
+            counts = {len(range(0, total, k)) for k in range(1, total)}
+            near = min(counts, key=lambda c: abs(c - steps))
+            _fail(key, steps, f"DDIM takes every k-th of the {total} diffusion steps, which "
+                  f"never gives {steps} steps: e.g. {near}")
+
+
+def _check_data(config) -> None:
+    from dydit_jax.data import SOURCES
+    from dydit_jax.data.digits import NUM_CLASSES as DIGITS_CLASSES
+
+    dc, n = config.data, config.model.num_classes
+    _check_choice(config, "data.name", SOURCES)
+    if config.mode not in ("train", "plot"):   # the modes that feed data labels to the model
+        return
+    if dc.name == "synthetic" and not 1 <= dc.num_classes <= n:
+        _fail("data.num_classes", dc.num_classes, f"synthetic labels must be in [0, "
+              f"num_classes={n}) (config.model.num_classes): 1..{n} classes")
+    if dc.name == "digits" and n < DIGITS_CLASSES:
+        _fail("model.num_classes", n, f"data.name=digits has labels 0..{DIGITS_CLASSES - 1}: "
+              f"needs >= {DIGITS_CLASSES}")
+
+
+def _check_transport(config) -> None:
+    from dydit_jax import sampling, transport
+
+    tc = config.transport
+    _check_choice(config, "transport.path_type", tuple(transport.PATH_TYPES))
+    _check_choice(config, "transport.prediction", tuple(transport.PREDICTIONS))
+    _check_choice(config, "transport.loss_weight", tuple(transport.LOSS_WEIGHTS))
+    _check_choice(config, "transport.sampler", sampling.FLOW_SAMPLERS)
+    try:
+        sampling.canonical_flow_method(tc.sampler, tc.method)
+    except ValueError as e:
+        _fail("transport.method", tc.method, f"{e} (case-insensitive)")
+    if isinstance(tc.num_steps, bool) or not isinstance(tc.num_steps, int) or tc.num_steps < 2:
+        _fail("transport.num_steps", tc.num_steps, "counts the solver's time grid points: "
+              "must be >= 2")
+    _check_choice(config, "transport.diffusion_form", transport.DIFFUSION_FORMS)
+    if tc.last_step is not None and str(tc.last_step).lower() not in ("none", ""):
+        _check_choice(config, "transport.last_step", transport.LAST_STEPS)
+
+
+def _compare(cfg, ref, prefix: str, candidates) -> None:
     for key in cfg.keys():
+        name = prefix + key
         if key not in ref:
-            raise KeyError(f"unknown config key {prefix}.{key}; valid keys of {prefix}: "
-                           f"{sorted(ref.keys())}")
+            raise UnknownKeyError(f"unknown config key config.{name}"
+                                  + _did_you_mean(name, candidates))
         if isinstance(ref[key], ml_collections.ConfigDict):
-            _compare(cfg[key], ref[key], f"{prefix}.{key}")
+            _compare(cfg[key], ref[key], f"{name}.", candidates)

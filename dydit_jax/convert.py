@@ -4,7 +4,16 @@ Reads
 - the released plain state_dict (`DiT-XL-2-256x256.pt`: an OrderedDict name -> tensor),
 - training checkpoints `{"model", "ema", "opt", "args"}` ("ema" by default, "model" on request),
 - `.safetensors` and `.npz` files holding the same flat names,
-- an already loaded flat mapping name -> array.
+- an already loaded flat mapping name -> array,
+- a diffusers folder (the hub's `facebook/DiT-XL-2-256`, or its `transformer/`:
+  `DiTTransformer2DModel` config.json + safetensors, sharded or .bin): its names are mapped to
+  the official ones (to_q/to_k/to_v -> qkv, the per-block embedder copies checked equal and
+  dropped); `dit_from_diffusers_config` builds the model it describes,
+- an orbax params directory (this module's `--out`).
+
+The other way, `to_diffusers` writes a diffusers folder (`--to-diffusers`). The same weights
+compute slightly different functions in the two codebases: `DiT(numerics="diffusers")`
+reproduces diffusers' model, the default "official" the official one (dit.NUMERICS).
 
 `.pt` files are read with `torch.load(weights_only=True)`: tensors and plain containers only,
 never arbitrary pickled objects. torch is imported only for `.pt` files (the `torch` extra).
@@ -19,13 +28,19 @@ Command line: write an orbax checkpoint so TPU runs never need torch:
 SiT checkpoints (flow matching: DiT's parameters under the same names) take their own names,
 `--model SiT-XL/2`, and are checked against a SiT. `--dynamic` builds the DyDiT version of
 either, for checkpoints with routers (a plain checkpoint then gets fresh routers, logged).
+A diffusers folder needs no `--model` (its config.json says which DiT it is):
+    python -m dydit_jax.convert --checkpoint DiT-XL-2-256/ --out /path/to/converted
+    python -m dydit_jax.convert --checkpoint /path/to/converted --to-diffusers DiT-export/
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
+import shutil
+import uuid
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
@@ -59,6 +74,7 @@ class CheckpointMismatchError(ValueError):
 
     def __init__(self, missing, unexpected, mismatched, hint=""):
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        self.hint = hint
         lines = ["checkpoint does not match the model:"]
         if missing:
             lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
@@ -132,6 +148,8 @@ def load_state_dict(source: Any, which: str = "ema") -> Dict[str, np.ndarray]:
 def _read_file(path: str):
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+        return _read_dir(path)
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".safetensors":
@@ -189,7 +207,18 @@ def load_report(source: Any, model: DiT, which: str = "ema",
     if allow_missing is None and getattr(model, "dynamic", False):
         allow_missing = ROUTER_PATTERN
     state = load_state_dict(source, which=which)
-    params, fresh = _match(state, model, allow_missing)
+    try:
+        params, fresh = _match(state, model, allow_missing)
+    except CheckpointMismatchError as e:
+        folder = _diffusers_folder(source)
+        if folder is None:
+            raise
+        depth = model.depth
+        hint = " ".join(filter(None, [e.hint, f"(names as in the diffusers folder {folder})"]))
+        raise CheckpointMismatchError(
+            sorted(_diffusers_name(k, depth) for k in e.missing), e.unexpected,
+            [(_diffusers_name(k, depth), want, got) for k, want, got in e.mismatched],
+            hint) from None
     return {"params": params}, fresh
 
 
@@ -334,14 +363,369 @@ def to_layout(params, scan_layers: bool):
     return params
 
 
+# ----------------------------------------------------------------------------------------------
+# Our params as official names, and the orbax params directory
+# ----------------------------------------------------------------------------------------------
+
+def to_official_state(params) -> Dict[str, np.ndarray]:
+    """Our params (per-block or scanned, `{"params": ...}` or the tree itself) -> a flat float32
+    state_dict under the official names and PyTorch layouts (`torch_key_to_flax`'s inverse)."""
+    params = params["params"] if "params" in params else params
+    out = {}
+    for path, value in traverse_util.flatten_dict(to_layout(params, scan_layers=False)).items():
+        v = np.asarray(value).astype(np.float32)
+        if path[-1] == "kernel":
+            v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
+        out[_flax_to_torch_name(path)] = np.ascontiguousarray(v)
+    return out
+
+
+def _is_orbax_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA"))
+
+
+def _read_dir(path: str) -> Dict[str, np.ndarray]:
+    """A diffusers folder or an orbax params directory, as official names."""
+    folder = _diffusers_folder(path)
+    if folder is not None:
+        return _read_diffusers(folder)
+    if _is_orbax_dir(path):
+        from dydit_jax.checkpointing import load_params
+        return to_official_state(load_params(path))
+    raise ValueError(
+        f"{path!r} is a directory but neither a diffusers model folder (config.json and one of "
+        f"{', '.join(_DIFFUSERS_WEIGHTS)}, there or in its transformer/) nor an orbax params "
+        f"directory (written by `python -m dydit_jax.convert --out`); it holds "
+        f"{sorted(os.listdir(path))[:8]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The diffusers layout: DiTTransformer2DModel folders (the hub's facebook/DiT-XL-2-256)
+# ----------------------------------------------------------------------------------------------
+
+# Weight files of `save_pretrained`, in the order diffusers prefers them.
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors",
+                      "diffusion_pytorch_model.safetensors.index.json",
+                      "diffusion_pytorch_model.bin")
+# The diffusers version whose layout and function tests/data/dit_diffusers was made with.
+DIFFUSERS_VERSION = "0.42.1"
+# diffusers module -> official module; "{i}" is the block index. Two things are not one to one:
+# attn1.to_q/to_k/to_v are the rows of attn.qkv, and every diffusers block holds a copy of the
+# timestep and label embedders (norm1.emb.*) where the official model has one.
+_DIFFUSERS_MODULES = (
+    ("pos_embed.proj", "x_embedder.proj"),
+    ("transformer_blocks.0.norm1.emb.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+    ("transformer_blocks.0.norm1.emb.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+    ("transformer_blocks.0.norm1.emb.class_embedder.embedding_table",
+     "y_embedder.embedding_table"),
+    ("transformer_blocks.{i}.norm1.linear", "blocks.{i}.adaLN_modulation.1"),
+    ("transformer_blocks.{i}.attn1.to_out.0", "blocks.{i}.attn.proj"),
+    ("transformer_blocks.{i}.ff.net.0.proj", "blocks.{i}.mlp.fc1"),
+    ("transformer_blocks.{i}.ff.net.2", "blocks.{i}.mlp.fc2"),
+    ("proj_out_1", "final_layer.adaLN_modulation.1"),
+    ("proj_out_2", "final_layer.linear"),
+)
+_EMBEDDER_COPY = re.compile(r"^transformer_blocks\.(\d+)\.norm1\.emb\.(.+)$")
+_QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv$")
+# config.json options other than these describe a model that is not the official DiT.
+_DIFFUSERS_FIXED = (("activation_fn", "gelu-approximate"), ("norm_type", "ada_norm_zero"),
+                    ("attention_bias", True), ("norm_elementwise_affine", False),
+                    ("cross_attention_dim", None), ("num_vector_embeds", None))
+
+
+def _module_map(depth: int) -> Dict[str, str]:
+    """diffusers module name -> official module name, for `depth` blocks."""
+    out = {}
+    for ours, theirs in _DIFFUSERS_MODULES:
+        for i in (range(depth) if "{i}" in ours else (0,)):
+            out[ours.format(i=i)] = theirs.format(i=i)
+    return out
+
+
+def _diffusers_folder(path) -> Optional[str]:
+    """The folder holding a diffusers model's config.json and weights: `path` itself or the
+    transformer/ of a pipeline folder; None when `path` is neither."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    path = os.fspath(path)
+    for folder in (path, os.path.join(path, "transformer")):
+        if os.path.isfile(os.path.join(folder, "config.json")) and any(
+                os.path.isfile(os.path.join(folder, w)) for w in _DIFFUSERS_WEIGHTS):
+            return folder
+    return None
+
+
+def is_diffusers_dir(path) -> bool:
+    """True for a diffusers model folder (config.json + diffusion_pytorch_model.*) or a pipeline
+    folder with one in transformer/: what `from_pytorch` reads as the diffusers layout."""
+    return _diffusers_folder(path) is not None
+
+
+def read_diffusers_config(path) -> dict:
+    """The config.json of a diffusers DiT folder (or pipeline folder), checked to be a DiT."""
+    folder = _diffusers_folder(path)
+    if folder is None:
+        raise FileNotFoundError(f"{path!r} is not a diffusers model folder: expected config.json "
+                                f"and one of {', '.join(_DIFFUSERS_WEIGHTS)} there or in its "
+                                f"transformer/")
+    where = os.path.join(folder, "config.json")
+    with open(where) as f:
+        config = json.load(f)
+    name = config.get("_class_name")
+    legacy_dit = name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_zero"
+    if name != "DiTTransformer2DModel" and not legacy_dit:
+        kind = (f"{name} with norm_type {config.get('norm_type')!r}"
+                if name == "Transformer2DModel" else name)
+        raise ValueError(f"{where} holds a {kind}, not a DiT: expected _class_name "
+                         f"'DiTTransformer2DModel' (or the older 'Transformer2DModel' with "
+                         f"norm_type 'ada_norm_zero')")
+    for key, want in _DIFFUSERS_FIXED:
+        if config.get(key, want) != want:
+            raise ValueError(f"{where} has {key}={config[key]!r}: only {want!r} is the official "
+                             f"DiT, which is what this converter loads")
+    return config
+
+
+def _diffusers_model_args(config: dict) -> dict:
+    """DiT constructor arguments of a checked DiT config.json."""
+    def need(key):
+        if key not in config:
+            raise ValueError(f"diffusers config.json has no {key!r}, which fixes the model size")
+        return config[key]
+    c, out = need("in_channels"), config.get("out_channels") or config["in_channels"]
+    if out not in (c, 2 * c):
+        raise ValueError(f"diffusers config.json has out_channels={out} for in_channels={c}: a DiT "
+                         f"outputs in_channels (eps) or twice that (eps and learned sigma)")
+    heads = need("num_attention_heads")
+    return dict(input_size=need("sample_size"), patch_size=need("patch_size"), in_channels=c,
+                hidden_size=heads * need("attention_head_dim"), depth=need("num_layers"),
+                num_heads=heads, num_classes=need("num_embeds_ada_norm"),
+                learn_sigma=out == 2 * c, mlp_ratio=4.0, class_dropout_prob=0.1)
+
+
+def dit_from_diffusers_config(path, **overrides) -> DiT:
+    """The DiT that a diffusers folder's config.json describes (sample_size -> input_size,
+    num_layers -> depth, heads x head_dim -> hidden_size, num_embeds_ada_norm -> num_classes,
+    out_channels == 2 in_channels -> learn_sigma).
+
+    numerics defaults to "official": the hub's weights are the official DiT's, and this
+    reproduces the official model; numerics="diffusers" reproduces DiTTransformer2DModel.
+    `overrides` (numerics, dynamic, scan_layers, dtype, ...) go to the constructor.
+    """
+    return DiT(**{**_diffusers_model_args(read_diffusers_config(path)), "numerics": "official",
+                  **overrides})
+
+
+def _read_diffusers_weights(folder: str) -> Dict[str, np.ndarray]:
+    for name in _DIFFUSERS_WEIGHTS:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if not name.endswith(".index.json"):
+            return {k: _to_numpy(v) for k, v in _read_file(path).items()}
+        with open(path) as f:
+            weight_map = json.load(f)["weight_map"]
+        state = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update({k: _to_numpy(v)
+                          for k, v in _read_file(os.path.join(folder, shard)).items()})
+        absent = sorted(set(weight_map) - set(state))
+        if absent:
+            raise ValueError(f"{path} lists {len(absent)} tensors that its shards do not hold: "
+                             f"{', '.join(absent[:5])}")
+        return state
+
+
+def _read_diffusers(folder: str) -> Dict[str, np.ndarray]:
+    config = read_diffusers_config(folder)
+    depth = _diffusers_model_args(config)["depth"]
+    return diffusers_to_official(_read_diffusers_weights(folder), depth)
+
+
+def diffusers_to_official(state: Mapping[str, np.ndarray], depth: int) -> Dict[str, np.ndarray]:
+    """DiTTransformer2DModel names -> official DiT names (tests/data/dit_diffusers' mapping).
+
+    to_q/to_k/to_v are concatenated into qkv; the embedder copies of blocks 1.. must equal
+    block 0's (the model has one embedder) and are dropped. Names that map to nothing pass
+    through unchanged, so that `_match` lists them as unexpected.
+    """
+    rest = dict(state)
+    out = {}
+    for i in range(depth):
+        for leaf in ("weight", "bias"):
+            parts = [f"transformer_blocks.{i}.attn1.to_{c}.{leaf}" for c in "qkv"]
+            if all(p in rest for p in parts):
+                out[f"blocks.{i}.attn.qkv.{leaf}"] = np.concatenate([rest.pop(p) for p in parts])
+    for key in list(rest):
+        copy = _EMBEDDER_COPY.match(key)
+        first = f"transformer_blocks.0.norm1.emb.{copy[2]}" if copy else None
+        if not copy or copy[1] == "0" or first not in state:
+            continue
+        a, b = np.asarray(rest[key], np.float64), np.asarray(state[first], np.float64)
+        if a.shape != b.shape or not np.allclose(a, b, rtol=1e-5, atol=1e-6):
+            diff = f"max |diff| {np.abs(a - b).max():.3g}" if a.shape == b.shape else \
+                f"shape {a.shape} vs {b.shape}"
+            raise ValueError(
+                f"{key} differs from block 0's copy {first} ({diff}). diffusers' DiT keeps one "
+                f"timestep/label embedder per block; the official DiT (and this model) has one "
+                f"for all blocks, so only checkpoints whose copies are equal can be loaded "
+                f"(every converted official checkpoint has equal copies).")
+        del rest[key]
+    modules = _module_map(depth)
+    for key in list(rest):
+        module, _, leaf = key.rpartition(".")
+        if module in modules:
+            out[f"{modules[module]}.{leaf}"] = rest.pop(key)
+    out.update(rest)
+    return out
+
+
+def _diffusers_name(name: str, depth: int) -> str:
+    """An official name as the diffusers name(s) it is made from (for error messages)."""
+    module, _, leaf = name.rpartition(".")
+    qkv = _QKV.match(module)
+    if qkv:
+        return f"transformer_blocks.{qkv[1]}.attn1.to_{{q,k,v}}.{leaf}"
+    inverse = {theirs: ours for ours, theirs in _module_map(depth).items()}
+    return f"{inverse[module]}.{leaf}" if module in inverse else name
+
+
+def official_to_diffusers(state: Mapping[str, np.ndarray], depth: int) -> Dict[str, np.ndarray]:
+    """Official DiT names -> DiTTransformer2DModel names: qkv split into to_q/to_k/to_v, the
+    embedders copied into every block; pos_embed dropped (diffusers recomputes it)."""
+    inverse = {theirs: ours for ours, theirs in _module_map(depth).items()}
+    out = {}
+    for key, value in state.items():
+        if key in _FIXED_BUFFERS:
+            continue
+        module, _, leaf = key.rpartition(".")
+        qkv = _QKV.match(module)
+        if qkv:
+            for c, part in zip("qkv", np.split(value, 3)):
+                out[f"transformer_blocks.{qkv[1]}.attn1.to_{c}.{leaf}"] = np.ascontiguousarray(part)
+        elif module in inverse:
+            name = f"{inverse[module]}.{leaf}"
+            out[name] = value
+            copy = _EMBEDDER_COPY.match(name)
+            for i in range(1, depth if copy else 0):
+                out[f"transformer_blocks.{i}.norm1.emb.{copy[2]}"] = value
+        else:
+            raise ValueError(f"{key} has no counterpart in diffusers' DiTTransformer2DModel")
+    return out
+
+
+def diffusers_config(model: DiT) -> dict:
+    """The DiTTransformer2DModel config.json of `model`; refuses what diffusers cannot express."""
+    h, w = (g * model.patch_size for g in model.grid_size)
+    problems = []
+    if h != w:
+        problems.append(f"input_size {(h, w)} is not square (sample_size is one number)")
+    if model.mlp_ratio != 4.0:
+        problems.append(f"mlp_ratio is {model.mlp_ratio} (diffusers' MLP is 4x wide)")
+    if model.class_dropout_prob <= 0:
+        problems.append("class_dropout_prob is 0, so there is no null-label row (diffusers' "
+                        "label table always has one)")
+    if problems:
+        raise ValueError("cannot export to diffusers' DiTTransformer2DModel: "
+                         + "; ".join(problems))
+    return {
+        "_class_name": "DiTTransformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
+        "activation_fn": "gelu-approximate", "attention_bias": True,
+        "attention_head_dim": model.hidden_size // model.num_heads, "dropout": 0.0,
+        "in_channels": model.in_channels, "norm_elementwise_affine": False, "norm_eps": 1e-5,
+        "norm_num_groups": 32, "norm_type": "ada_norm_zero",
+        "num_attention_heads": model.num_heads, "num_embeds_ada_norm": model.num_classes,
+        "num_layers": model.depth, "out_channels": model.out_channels,
+        "patch_size": model.patch_size, "sample_size": h, "upcast_attention": False,
+    }
+
+
+def _check_static_params(state: Mapping[str, np.ndarray], model: DiT) -> None:
+    """`state` (official names) holds exactly the static parameters of `model`."""
+    static = model.clone(dynamic=False, scan_layers=False, remat=False)
+    expected = {}
+    for path, leaf in traverse_util.flatten_dict(_abstract_params(static)).items():
+        name = _flax_to_torch_name(path)
+        expected[name] = _torch_shape(tuple(leaf.shape), torch_key_to_flax(name)[1])
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [(k, expected[k], tuple(v.shape)) for k, v in state.items()
+                  if k in expected and tuple(v.shape) != expected[k]]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(missing, unexpected, mismatched,
+                                      "these params are not those of the model given")
+
+
+def to_diffusers(params, model: DiT, out_dir, overwrite: bool = False) -> str:
+    """Writes `params` of `model` as a diffusers DiTTransformer2DModel folder: config.json and
+    diffusion_pytorch_model.safetensors (float32). Returns out_dir.
+
+    `DiTTransformer2DModel.from_pretrained(out_dir)` loads it (a DiTPipeline takes it as its
+    transformer/), and so does `from_pytorch`. diffusers then computes with its own numerics
+    (this model's numerics="diffusers", up to ~1e-3 from the official function).
+    A dynamic model's routers have no place there: only the static weights are written, with
+    a warning; the folder computes the model's complete (all heads, groups, tokens) path.
+    The folder is written beside out_dir and renamed into place (a failed export leaves
+    nothing); an existing non-empty out_dir is replaced only with `overwrite`.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} is a file; give a directory to write the model into")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True "
+                              f"(--overwrite) to replace it")
+    config = diffusers_config(model)
+    params = params["params"] if "params" in params else params
+    flat = traverse_util.flatten_dict(to_layout(params, scan_layers=False))
+    routers = [p for p in flat if re.search(ROUTER_PATTERN, "/".join(p))]
+    if routers:
+        logging.warning("exporting the static weights only: diffusers' DiT has no routers, so "
+                        "the %d router tensors are dropped and the folder computes this model's "
+                        "complete path (every head, MLP group and token)", len(routers))
+        flat = {p: v for p, v in flat.items() if p not in routers}
+    state = to_official_state(traverse_util.unflatten_dict(flat))
+    _check_static_params(state, model)
+    tensors = official_to_diffusers(state, model.depth)
+
+    from safetensors.numpy import save_file
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    # os.mkdir, not mkdtemp: its mode 0700 would survive the rename.
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:12]}")
+    os.mkdir(tmp)
+    old = None
+    try:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, os.path.join(tmp, _DIFFUSERS_WEIGHTS[0]), metadata={"format": "pt"})
+        if os.path.exists(out_dir):
+            old = tmp + "-old"
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        if old and not os.path.exists(out_dir):
+            os.rename(old, out_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old:
+        shutil.rmtree(old)
+    return out_dir
+
+
 def main(argv=None):
     from dydit_jax.checkpointing import save_params
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help=".pt, .safetensors or .npz file")
-    parser.add_argument("--model", default="DiT-XL/2",
-                        help="DiT-{S,B,L,XL}/{2,4,8} or SiT-{S,B,L,XL}/{2,4,8}")
+    parser.add_argument("--checkpoint", required=True,
+                        help=".pt/.pth/.bin, .safetensors or .npz file; a diffusers folder (a DiT "
+                             "pipeline or its transformer/); or an orbax params directory")
+    parser.add_argument("--model", default=None,
+                        help="DiT-{S,B,L,XL}/{2,4,8} or SiT-{S,B,L,XL}/{2,4,8}, sized by the "
+                             "flags below, or a diffusers folder whose config.json describes "
+                             "the model (the flags are then unused). Default: the "
+                             "--checkpoint's own config.json for a diffusers folder, else "
+                             "DiT-XL/2")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--latent-downsample", type=int, default=8,
                         help="VAE downsampling factor: input_size = image_size / this")
@@ -352,22 +736,42 @@ def main(argv=None):
                         help="a DyDiT checkpoint: the model gets head, MLP-group and token "
                              "routers (fresh ones where the checkpoint has none)")
     parser.add_argument("--which", default="ema", choices=["ema", "model"])
-    parser.add_argument("--out", required=True, help="output directory of the orbax checkpoint")
+    parser.add_argument("--out", help="output directory of the orbax checkpoint")
+    parser.add_argument("--to-diffusers", metavar="OUT",
+                        help="output directory of a diffusers DiTTransformer2DModel folder "
+                             "(config.json + safetensors; static weights only)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --to-diffusers directory")
     args = parser.parse_args(argv)
+    if not (args.out or args.to_diffusers):
+        parser.error("nothing to write: give --out (orbax) and/or --to-diffusers")
 
-    from dydit_jax.models.dit import dit_config
-    from dydit_jax.models.sit import SiT, sit_config
-    cls, sizes = ((SiT, sit_config(args.model)) if args.model.startswith("SiT")
-                  else (DiT, dit_config(args.model)))
-    model = cls(input_size=args.image_size // args.latent_downsample,
-                in_channels=args.in_channels, num_classes=args.num_classes,
-                learn_sigma=not args.no_learn_sigma, dynamic=args.dynamic, **sizes)
+    spec = args.model
+    if spec is None and is_diffusers_dir(args.checkpoint):
+        spec = args.checkpoint
+    if spec is not None and is_diffusers_dir(spec):
+        model = dit_from_diffusers_config(spec, dynamic=args.dynamic)
+    else:
+        from dydit_jax.models.dit import dit_config
+        from dydit_jax.models.sit import SiT, sit_config
+        name = spec or "DiT-XL/2"
+        cls, sizes = ((SiT, sit_config(name)) if name.startswith("SiT")
+                      else (DiT, dit_config(name)))
+        model = cls(input_size=args.image_size // args.latent_downsample,
+                    in_channels=args.in_channels, num_classes=args.num_classes,
+                    learn_sigma=not args.no_learn_sigma, dynamic=args.dynamic, **sizes)
     variables = from_pytorch(args.checkpoint, model, which=args.which)
-    save_params(args.out, variables["params"])
+    written = []
+    if args.out:
+        save_params(args.out, variables["params"])
+        written.append(args.out)
+    if args.to_diffusers:
+        written.append(to_diffusers(variables, model, args.to_diffusers,
+                                    overwrite=args.overwrite) + " (diffusers)")
     n = sum(x.size for x in jax.tree_util.tree_leaves(variables))
     print(f"converted {args.checkpoint} ({type(model).__name__}"
-          f"{', dynamic' if args.dynamic else ''}, {n / 1e6:.2f}M parameters) -> {args.out}")
-
+          f"{', dynamic' if args.dynamic else ''}, {n / 1e6:.2f}M parameters) -> "
+          f"{', '.join(written)}")
 
 if __name__ == "__main__":
     main()

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Dict, Iterator, List, Tuple
 
 import jax
@@ -262,14 +263,17 @@ def sample_chunks(config, workdir: str, params=None) -> Tuple[List[str], List[in
     if not todo:
         return paths, []
 
-    from dydit_jax.generate import build_sample_fn, load_sampling_params
+    from dydit_jax.compile_clock import CompileClock
+    from dydit_jax.generate import build_sample_fn, load_sampling_params, timing_line
     from dydit_jax.train import build_model
+    clock = CompileClock().__enter__()   # closed after the loop: it counts the whole sampling
+    t0 = time.perf_counter()
     model = build_model(config)
     if params is None:
         params = load_sampling_params(config, workdir, model)
     params = jax.device_put(params, sharding_lib.replicated(mesh))
     sample = build_sample_fn(config, model, mesh, params, ec.sampler, ec.num_steps,
-                             ec.cfg_scale)
+                             ec.cfg_scale, plan_dir=os.path.join(workdir, "plans"))
     decode = None
     if is_latent(config):
         vae, vae_vars = load_vae(config)
@@ -297,6 +301,10 @@ def sample_chunks(config, workdir: str, params=None) -> Tuple[List[str], List[in
             atomic_savez(paths[k], arr_0=np.concatenate(images), arr_1=labels)
         sync(f"evaluate_chunk_{k}")
     bar.close()
+    clock.__exit__(None, None, None)
+    if is_main_process():
+        print("evaluate: " + timing_line(sample, sum(sizes[k] for k in todo),
+                                         time.perf_counter() - t0, clock))
     return paths, todo
 
 

@@ -3,9 +3,10 @@
     python -m dydit_jax.main --config=configs/digits_dydit.py --workdir=runs/digits_dydit \
         --config.mode=plot
 
-writes `plots/width_heatmap.png` (active heads and MLP groups of every block for t = 0..T-1)
-and `plots/token_masks.png` (which tokens of a few samples run the MLP, per block, at a few
-timesteps along a sampling trajectory's noise levels).
+writes `plots/<weights>/width_heatmap.png` (active heads and MLP groups of every block for
+t = 0..T-1) and `plots/<weights>/token_masks.png` (which tokens of a few samples run the MLP,
+per block, at a few timesteps along a sampling trajectory's noise levels), `<weights>` being
+e.g. `step000800`.
 
 Flow-matching models (`config.transport.enabled`, a dynamic SiT) have a continuous time
 t in [0, 1] with t = 0 the noise and t = 1 the data: the heat map then spans a dense grid of
@@ -99,23 +100,38 @@ def plot_token_masks(model, params, process, images, labels, path: str, timestep
                              figsize=(1.4 * (depth + 1), 1.4 * n * len(timesteps)))
     axes = np.asarray(axes).reshape(n * len(timesteps), depth + 1)
     rng = jax.random.PRNGKey(seed)
+    image = None
+    kept = []
     for j, t_orig in enumerate(timesteps):
         t = jnp.full((n,), t_orig, jnp.float32 if flow else jnp.int32)
         x_t = noisy_images(process, jnp.asarray(images), t, jax.random.fold_in(rng, j))
         _, aux = model.apply({"params": params}, x_t, t, jnp.asarray(labels))
         token = np.asarray(aux["token_masks"]).reshape(n, depth, gh, gw)
+        kept.append(token.mean())
         for i in range(n):
             row = axes[j * n + i]
             row[0].imshow(np.asarray(x_t[i]).mean(-1), cmap="gray")
             row[0].set_title(f"x_t, t={t_orig}", fontsize=7)
             for l in range(depth):
-                row[l + 1].imshow(token[i, l], cmap="magma", vmin=0, vmax=1)
+                image = row[l + 1].imshow(token[i, l], cmap="magma", vmin=0, vmax=1)
                 row[l + 1].set_title(f"block {l}: {token[i, l].mean():.0%}", fontsize=7)
             for ax in row:
                 ax.axis("off")
-    fig.tight_layout()
+    total = float(np.mean(kept))
+    if total == 1.0:
+        headline = ("every token runs the MLP in every block at these t: the token routers "
+                    "skip nothing here (the savings are the TDW widths)")
+    else:
+        headline = (f"tokens that run the MLP (bright = kept, dark = skipped): "
+                    f"{total:.1%} overall")
+    fig.suptitle(headline, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.92, 0.98))
+    bar = fig.add_axes((0.94, 0.3, 0.015, 0.4))
+    fig.colorbar(image, cax=bar, ticks=(0, 1)).ax.set_yticklabels(["skipped", "kept"],
+                                                                  fontsize=7)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    print(f"token masks: {headline}")
     return timesteps
 
 
@@ -126,14 +142,20 @@ def plot_from_workdir(config, workdir: str):
     "token_t", the times of the token masks.
     """
     from dydit_jax import data as data_lib
-    from dydit_jax.generate import load_sampling_params
+    from dydit_jax.generate import load_weights
     from dydit_jax.train import build_diffusion, build_model, build_transport
 
     model = build_model(config)
     if not model.dynamic:
         raise ValueError("plots show a dynamic model's routing: set config.dynamic.enabled")
-    params = load_sampling_params(config, workdir, model)
-    out = os.path.join(workdir, "plots")
+    weights = load_weights(config, workdir, model)
+    params = weights.params
+    # One folder per weights (step-stamped for workdir checkpoints): plots of a later step
+    # land beside the earlier ones instead of over them.
+    out = os.path.join(workdir, "plots", weights.name)
+    if os.path.isdir(out) and os.listdir(out):
+        print(f"{out} already holds plots of these weights: rewriting them (same weights, "
+              f"same figures)")
     os.makedirs(out, exist_ok=True)
     flow = config.transport.enabled
     if flow:

@@ -36,11 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from dydit_jax.diffusion import split_loop_key
+from dydit_jax.models.dit import check_labels
 
 __all__ = ["make_sample_fn", "make_flow_sample_fn", "check_finite", "sample_shardings", "to_uint8", "make_grid", "save_grid_png",
            "save_npz"]
 
 SAMPLERS = ("ddpm", "ddim")
+# config.sample.engine: masked (the release's path) | static (complete model) | gathered
+# (the dynamic inference engine, dydit_jax/engine)
+SAMPLE_ENGINES = ("masked", "static", "gathered")
 
 
 def _pair(size) -> Tuple[int, int]:
@@ -151,12 +155,15 @@ def make_sample_fn(
         return samples[:b]  # drop the null-class half
 
     return _jitted_sample_fn(sample_impl, counter, latent_shape, use_cfg, in_shardings,
-                             out_shardings)
+                             out_shardings, model)
 
 
 def _jitted_sample_fn(sample_impl, counter, latent_shape, use_cfg, in_shardings,
-                      out_shardings) -> Callable:
-    """`sample(params, rng, labels, cfg_scale)` around ONE `jax.jit` of `sample_impl`."""
+                      out_shardings, model) -> Callable:
+    """`sample(params, rng, labels, cfg_scale)` around ONE `jax.jit` of `sample_impl`; concrete
+    labels are checked against `model`'s label table first (inside the jit an id outside it
+    would silently read a clamped row). The null label is a valid (unconditional) label."""
+    allow_null = getattr(model, "class_dropout_prob", 0.0) > 0
     jit_kw = {}
     if in_shardings is not None:
         jit_kw["in_shardings"] = in_shardings
@@ -173,6 +180,9 @@ def _jitted_sample_fn(sample_impl, counter, latent_shape, use_cfg, in_shardings,
             labels = np.asarray(labels).astype(np.int32)
         if labels.ndim != 1:
             raise ValueError(f"labels must have shape [B], got {tuple(labels.shape)}")
+        if not isinstance(labels, jax.core.Tracer) and getattr(labels, "is_fully_addressable",
+                                                                True):
+            check_labels(labels, model.num_classes, allow_null)
         if isinstance(cfg_scale, jax.Array):
             cfg_scale = cfg_scale.astype(jnp.float32).reshape(())
         else:
@@ -310,7 +320,7 @@ def make_flow_sample_fn(
     if return_stats and out_shardings is not None:
         out_shardings = (out_shardings, None)  # the step counts: wherever XLA puts them
     return _jitted_sample_fn(sample_impl, counter, latent_shape, use_cfg, in_shardings,
-                             out_shardings)
+                             out_shardings, model)
 
 
 def check_finite(samples, config=None):

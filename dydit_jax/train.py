@@ -56,7 +56,7 @@ def build_model(config: ml_collections.ConfigDict) -> DiT:
                num_classes=mc.num_classes, learn_sigma=mc.learn_sigma,
                class_dropout_prob=mc.class_dropout_prob, mlp_ratio=mc.mlp_ratio,
                scan_layers=mc.scan_layers, remat=mc.remat, remat_policy=mc.remat_policy,
-               dtype=dtypes[mc.dtype],
+               dtype=dtypes[mc.dtype], numerics=mc.numerics,
                dynamic=config.dynamic.enabled, dynamic_tokens=config.dynamic.tokens, **sizes)
 
 
@@ -201,15 +201,16 @@ def initial_params(config, model: DiT, fresh_params):
     """Params to fine-tune from (`config.train.init_from`), on the host.
 
     Sources: a training workdir (its latest checkpoint's EMA), an orbax params directory (the
-    converter's output) or an official `.pt`/`.safetensors` file. Leaves the source lacks
-    (DyDiT routers when starting from a DiT) keep `fresh_params` and are logged. With
-    `config.dynamic.reorder`, heads and MLP groups are then sorted by importance so that the
-    always-on index 0 is the most important one (DESIGN.md 1).
+    converter's output), an official `.pt`/`.safetensors` file or a diffusers folder. Leaves
+    the source lacks (DyDiT routers when starting from a DiT) keep `fresh_params` and are
+    logged. With `config.dynamic.reorder`, heads and MLP groups are then sorted by importance
+    so that the always-on index 0 is the most important one (DESIGN.md 1).
     """
     source = config.train.init_from
+    from dydit_jax.convert import is_diffusers_dir
     if os.path.isdir(os.path.join(source, "checkpoints")):
         loaded = _latest_ema(source)
-    elif os.path.isdir(source):
+    elif os.path.isdir(source) and not is_diffusers_dir(source):
         loaded = load_params(source)
     else:
         from dydit_jax.convert import from_pytorch
@@ -263,6 +264,17 @@ def merge_params(fresh, loaded):
     return traverse_util.unflatten_dict(out)
 
 
+def run_status(start_step: int, num_steps: int, workdir: str) -> str:
+    """What this run will do, in one line: a re-run of a finished run says so instead of
+    silently going on to sample, and a resumed run names the step it continues from."""
+    if start_step >= num_steps:
+        return (f"already at step {start_step} of {num_steps} in {workdir}: nothing to train "
+                f"(raise --config.train.num_steps to train on)")
+    if start_step > 0:
+        return f"resuming from step {start_step} of {num_steps} ({workdir})"
+    return f"training from step 0 to {num_steps} in {workdir}"
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
     tc = config.train
@@ -292,6 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     end_step = tc.num_steps
     if tc.max_steps_per_run:
         end_step = min(end_step, start_step + tc.max_steps_per_run)
+    if jax.process_index() == 0:
+        print(run_status(start_step, tc.num_steps, workdir), flush=True)
     acc, t_last, step_last = None, time.perf_counter(), start_step
     bar = tqdm(range(start_step, end_step), initial=start_step, total=tc.num_steps,
                desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)

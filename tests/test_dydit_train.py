@@ -109,4 +109,4 @@ def test_dydit_run_through_the_training_loop_and_plots(tmp_path):
     gathered = generate.sample_from_workdir(cfg, str(tmp_path / "dydit"))
     np.testing.assert_allclose(gathered, masked, atol=1e-5, rtol=1e-5)
     for name in ("width_heatmap.png", "token_masks.png"):
-        assert (tmp_path / "dydit" / "plots" / name).stat().st_size > 1000
+        assert (tmp_path / "dydit" / "plots" / "step000006" / name).stat().st_size > 1000

@@ -64,7 +64,9 @@ def test_sit_samples_from_the_workdir(trained_sit, sampler, method):
     config.transport.update(sampler=sampler, method=method)
     samples = generate.sample_from_workdir(config, workdir)
     assert samples.shape == (10, 8, 8, 1) and np.all(np.isfinite(samples))
-    assert os.path.getsize(f"{workdir}/samples/grid.png") > 100
+    grid = f"{workdir}/samples/step000003-{sampler}-{method}{config.transport.num_steps}-cfg" \
+        f"{config.sample.cfg_scale:g}/grid.png"
+    assert os.path.getsize(grid) > 100
 
 
 @pytest.fixture(scope="module")

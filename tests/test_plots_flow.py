@@ -28,7 +28,7 @@ def test_plots_of_a_dynamic_sit_are_over_flow_time(tmp_path):
 
     plotted = plots.plot_from_workdir(config, str(tmp_path))
     for name in ("width_heatmap.png", "token_masks.png"):
-        assert (tmp_path / "plots" / name).stat().st_size > 1000
+        assert (tmp_path / "plots" / "step000001" / name).stat().st_size > 1000
     t = plotted["width_t"]
     assert t.dtype == np.float32 and len(t) == 1000 and (t[0], t[-1]) == (0.0, 1.0)
     np.testing.assert_allclose(np.diff(t), 1 / 999, rtol=1e-3)

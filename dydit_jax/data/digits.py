@@ -19,6 +19,8 @@ from PIL import Image
 
 from dydit_jax.data import base
 
+NUM_CLASSES = 10   # labels 0..9
+
 
 def load_digits_array(image_size: int, channels: int = 1, resize: str = "nearest"):
     """All 1797 digits as ``(float32 [n, S, S, channels] in [-1, 1], int32 [n])``."""
@@ -62,7 +64,7 @@ class DigitsSource(base.DataSource):
         )
         self.random_flip = bool(base.cfg_get(cfg, "random_flip", False))
         self.image_shape = (image_size, image_size, channels)
-        self.num_classes = 10
+        self.num_classes = NUM_CLASSES
         self.sampler = base.EpochSampler(
             len(self._labels),
             local_batch_size,

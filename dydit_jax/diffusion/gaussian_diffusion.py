@@ -166,6 +166,20 @@ def split_loop_key(rng):
     return init_key, step_key
 
 
+def check_loop_key(rng) -> None:
+    """TypeError unless `rng` is None or a PRNG key (a typed key, or `jax.random.PRNGKey`'s
+    uint32 [2]): the reference's (ADM) loops take the starting noise where ours take `rng`,
+    and a noise array there would otherwise fail deep inside jax.random."""
+    dtype, shape = getattr(rng, "dtype", None), tuple(getattr(rng, "shape", ()))
+    if rng is None or (dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)):
+        return
+    if dtype == np.uint32 and len(shape) == 1:
+        return
+    got = f"a {dtype} array of shape {shape}" if dtype is not None else repr(rng)
+    raise TypeError(f"got {got} as rng; pass the starting noise as noise=... (keyword) and a "
+                    f"PRNG key as rng (jax.random.PRNGKey(seed))")
+
+
 def loop_step_noise(step_key, i, shape, dtype=jnp.float32):
     """The noise the sampling loops use at step index ``i`` (``num_timesteps-1`` down to 0)."""
     return jax.random.normal(jax.random.fold_in(step_key, i), shape, dtype)
@@ -495,6 +509,7 @@ class GaussianDiffusion:
     # -- sampling loops (one lax.scan each) ---------------------------------------------
 
     def _loop(self, step, shape, rng, noise, dtype, progressive, progress, needs_step_noise):
+        check_loop_key(rng)
         shape = tuple(shape)
         if noise is not None:
             assert tuple(noise.shape) == shape, (noise.shape, shape)

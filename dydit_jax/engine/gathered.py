@@ -24,8 +24,8 @@ of a bucket. With several sizes, `lax.switch` picks the bucket on device (the fu
 
 Embedders, adaLN, the token router and the final layer run through the model's own modules
 (`model.apply(..., method=...)`, `DiTBlock(...).apply`); only the gathered attention and MLP
-matmuls are written here. All functions work on one device's rows; `sampler.py` wraps them in
-`shard_map` on a mesh.
+matmuls are written here (with `mlp_norm`, the pre-MLP LayerNorm of `model.numerics`). All
+functions work on one device's rows; `sampler.py` wraps them in `shard_map` on a mesh.
 """
 from __future__ import annotations
 
@@ -75,8 +75,13 @@ def block_module(model) -> DiTBlock:
     """A standalone DiTBlock with the model's block arguments (applied to one block's params)."""
     return DiTBlock(hidden_size=model.hidden_size, num_heads=model.num_heads,
                     mlp_ratio=model.mlp_ratio, dynamic=True,
-                    dynamic_tokens=model.dynamic_tokens, dtype=model.dtype,
-                    param_dtype=model.param_dtype)
+                    dynamic_tokens=model.dynamic_tokens, numerics=model.numerics,
+                    dtype=model.dtype, param_dtype=model.param_dtype)
+
+
+def mlp_norm(model, x):
+    """The block's pre-MLP LayerNorm, with the eps of `model.numerics` (1e-6 or 1e-5)."""
+    return layer_norm(x, dit.numerics_settings(model.numerics)["mlp_norm_eps"])
 
 
 def token_capacities(fractions: Sequence[float], rows: int) -> Tuple[int, ...]:
@@ -207,11 +212,12 @@ def routed_mlp(model, p, x, mod, keep, rows, kept, order, count, k: int, capacit
     shift, scale, gate = mod
     b, n, d = x.shape
     if capacity == b * n:
-        update = gathered_mlp(model, p, modulate(layer_norm(x), shift, scale), order, count, k)
+        update = gathered_mlp(model, p, modulate(mlp_norm(model, x), shift, scale), order, count,
+                              k)
         return x + (keep[..., None].astype(gate.dtype) * gate[:, None]) * update
     rows = rows[:capacity]
     sample = rows // n
-    h = modulate(layer_norm(x.reshape(b * n, 1, d)[rows]), shift[sample], scale[sample])
+    h = modulate(mlp_norm(model, x.reshape(b * n, 1, d)[rows]), shift[sample], scale[sample])
     update = gathered_mlp(model, p, h[:, 0], order, count, k)
     g = jnp.where((jnp.arange(capacity) < kept)[:, None], gate[sample], 0)
     return x.reshape(b * n, d).at[rows].add(g * update, unique_indices=True).reshape(b, n, d)
@@ -248,7 +254,7 @@ def block_forward(model, bp, x, c, width: Width, head_sizes: Sequence[int],
     order, count = width["group_order"], width["group_count"]
     if not model.dynamic_tokens:
         mlp = [functools.partial(gathered_mlp, model, k=k) for k in group_sizes]
-        h = modulate(layer_norm(x), shift_mlp, scale_mlp)
+        h = modulate(mlp_norm(model, x), shift_mlp, scale_mlp)
         update = _switch(width["group_bucket"], mlp, bp["mlp"], h, order, count)
         b, n = x.shape[:2]
         return x + gate_mlp[:, None] * update, jnp.asarray(b * n, jnp.int32)
@@ -299,4 +305,4 @@ def forward(model, rest, blocks, x, t, y, widths: Width, sizes, capacities,
 
 __all__ = ["split_params", "stacked_blocks", "block_module", "token_capacities", "embed",
            "final", "guide", "gathered_attention", "gathered_mlp", "kept_first", "routed_mlp",
-           "block_forward", "blocks_forward", "forward", "routed_widths"]
+           "block_forward", "blocks_forward", "forward", "routed_widths", "mlp_norm"]

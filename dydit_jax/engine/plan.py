@@ -319,9 +319,13 @@ def plan_fingerprint(model, variables) -> str:
     """sha256 of what the width masks depend on: the model's shape fields, tau, and the
     t_embedder and width-router parameters (a few small arrays copied to the host)."""
     h = hashlib.sha256()
-    h.update(json.dumps(dict(hidden_size=model.hidden_size, depth=model.depth,
-                             num_heads=model.num_heads, tau=DiTBlock.tau),
-                        sort_keys=True).encode())
+    fields = dict(hidden_size=model.hidden_size, depth=model.depth, num_heads=model.num_heads,
+                  tau=DiTBlock.tau)
+    # `numerics` changes the timestep features, hence the masks. Left out for "official" so
+    # that plans saved before the field existed stay valid.
+    if model.numerics != "official":
+        fields["numerics"] = model.numerics
+    h.update(json.dumps(fields, sort_keys=True).encode())
     params = variables["params"] if "params" in variables else variables
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     for path, leaf in sorted(leaves, key=lambda pl: _path_name(pl[0])):

@@ -47,6 +47,7 @@ from dydit_jax import flops
 from dydit_jax.diffusion import loop_step_noise, split_loop_key
 from dydit_jax.engine import gathered
 from dydit_jax.engine.plan import Grid, WidthPlan, get_plan
+from dydit_jax.models.dit import check_labels
 from dydit_jax.sampling import model_latent_shape
 
 SAMPLERS = ("ddpm", "ddim")
@@ -207,6 +208,7 @@ class Engine:
         labels = np.asarray(jax.device_get(labels)).astype(np.int32)
         if labels.ndim != 1:
             raise ValueError(f"labels must have shape [B], got {labels.shape}")
+        check_labels(labels, self.model.num_classes, self.model.class_dropout_prob > 0)
         self._check_batch(labels.shape[0])
         return self._put(labels, batch=True)
 

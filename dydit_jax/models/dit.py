@@ -10,6 +10,9 @@ Numerics follow the release exactly (see tests/test_dit.py for the parity tests)
 - LayerNorm without affine, eps 1e-6; GELU with the tanh approximation;
 - adaLN-Zero chunks in the order shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp;
 - label table with a last "null" row used for classifier-free guidance.
+`DiT(numerics="diffusers")` instead computes diffusers' `DiTTransformer2DModel` (the hub's
+layout of the same weights): timestep frequencies over half-1 and a pre-MLP LayerNorm eps of
+1e-5 (`NUMERICS`).
 
 Mixed precision: `dtype` is the compute dtype of the matmuls, `param_dtype` the storage dtype.
 LayerNorm statistics, the attention softmax and the output are kept in float32 (or float64 when
@@ -99,6 +102,24 @@ def remat_policy(name: str):
     return getattr(jax.checkpoint_policies, name)
 
 
+# The two numerics that load the same weights and differ in function (up to 1.1e-3 on
+# tests/data/dit_diffusers): the timestep frequencies exp(-ln(1e4) i / (half - freq_shift)), and
+# the eps of the LayerNorm before the MLP. norm1 and the final norm use 1e-6 in both.
+NUMERICS = {
+    "official": dict(freq_shift=0, mlp_norm_eps=1e-6),   # facebookresearch/DiT models.py
+    "diffusers": dict(freq_shift=1, mlp_norm_eps=1e-5),  # diffusers' DiTTransformer2DModel
+}
+
+
+def numerics_settings(numerics: str) -> dict:
+    """`NUMERICS[numerics]`, with an error naming the valid values."""
+    if numerics not in NUMERICS:
+        raise ValueError(f"unknown numerics {numerics!r}; valid: {tuple(NUMERICS)} ('official' "
+                         f"reproduces facebookresearch/DiT, 'diffusers' diffusers' "
+                         f"DiTTransformer2DModel)")
+    return NUMERICS[numerics]
+
+
 def layer_norm(x, eps: float = 1e-6):
     """LayerNorm without affine parameters, statistics in float32 (or float64)."""
     dtype = x.dtype
@@ -137,13 +158,15 @@ def _get_1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
+def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0, freq_shift: int = 0):
     """Sinusoidal features of (possibly fractional) timesteps. t: [B] -> [B, dim], float32.
 
-    The release builds these in float32 even in a float64 model, and so do we.
+    The release builds these in float32 even in a float64 model, and so do we. `freq_shift` 1
+    divides the exponents by half - 1 instead of half (diffusers' `downscale_freq_shift`).
     """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+                    / (half - freq_shift))
     args = jnp.asarray(t).astype(jnp.float32)[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
@@ -159,6 +182,7 @@ class TimestepEmbedder(nn.Module):
     """t [B] -> [B, D]: sinusoidal features, Dense, SiLU, Dense."""
     hidden_size: int
     frequency_embedding_size: int = 256
+    numerics: str = "official"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -166,9 +190,25 @@ class TimestepEmbedder(nn.Module):
     def __call__(self, t):
         dense = functools.partial(nn.Dense, self.hidden_size, kernel_init=normal_002,
                                   dtype=self.dtype, param_dtype=self.param_dtype)
-        t_freq = timestep_embedding(t, self.frequency_embedding_size).astype(self.dtype)
+        shift = numerics_settings(self.numerics)["freq_shift"]
+        t_freq = timestep_embedding(t, self.frequency_embedding_size,
+                                    freq_shift=shift).astype(self.dtype)
         h = dense(name="mlp_0")(t_freq)
         return dense(name="mlp_2")(nn.silu(h))
+
+
+def check_labels(labels, num_classes: int, allow_null: bool = False) -> None:
+    """Raises ValueError unless every value of `labels` (concrete: numpy or a jax array, not
+    a tracer) is a class id in [0, num_classes), or the null label `num_classes` when
+    `allow_null` (a table with the classifier-free guidance row). An id outside the table
+    would otherwise read a clamped row (jnp indexing clamps): a wrong class, silently."""
+    values = np.asarray(jax.device_get(labels))   # explicit: allowed under a transfer guard
+    high = num_classes + int(allow_null)
+    bad = np.unique(values[(values < 0) | (values >= high)])
+    if bad.size:
+        null = f" or {num_classes} (the null label)" if allow_null else ""
+        raise ValueError(f"labels {bad[:8].tolist()} are outside the label table: class ids "
+                         f"must be in [0, {num_classes}){null} (num_classes={num_classes})")
 
 
 class LabelEmbedder(nn.Module):
@@ -359,6 +399,7 @@ class DiTBlock(nn.Module):
     router_bias_init: float = 15.0
     token_router_bias_init: float = 35.0
     tau: float = 5.0
+    numerics: str = "official"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -390,9 +431,11 @@ class DiTBlock(nn.Module):
     def __call__(self, x, c, t_emb=None, noise=None, train: bool = False, complete: bool = True):
         mod = self.adaLN_modulation(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        mlp_eps = numerics_settings(self.numerics)["mlp_norm_eps"]
         if not self.dynamic or complete:
             x = x + gate_msa[:, None] * self.attn(modulate(layer_norm(x), shift_msa, scale_msa))
-            x = x + gate_mlp[:, None] * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+            x = x + gate_mlp[:, None] * self.mlp(modulate(layer_norm(x, mlp_eps), shift_mlp,
+                                                          scale_mlp))
             return x, {}
 
         def draw(name, shape):
@@ -420,7 +463,8 @@ class DiTBlock(nn.Module):
         group_mask = with_always_on(gumbel_sigmoid_gate(
             group_logits, self.tau, draw("group", group_logits.shape)))
         aux.update(group_masks=group_mask, group_logits=group_logits)
-        update = self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp), group_mask=group_mask)
+        update = self.mlp(modulate(layer_norm(x, mlp_eps), shift_mlp, scale_mlp),
+                          group_mask=group_mask)
         gate = gate_mlp[:, None]
         if self.dynamic_tokens:
             gate = token_mask[..., None].astype(gate.dtype) * gate
@@ -473,6 +517,9 @@ class DiT(nn.Module):
       and returns `(out, None)`. Train mode draws Gumbel noise from the "gumbel" rng stream, or
       takes `gumbel_noise` ({"head"|"group"|"token": (g1, g2)}, each [B, L, ...]) to replay a
       recorded draw.
+    - `numerics`: "official" (facebookresearch/DiT) or "diffusers" (diffusers'
+      `DiTTransformer2DModel`: the same weights, timestep frequencies over half-1 and pre-MLP
+      LayerNorm eps 1e-5; `NUMERICS`). It reaches every path: blocks, routers, the engine.
     """
     input_size: Union[int, Tuple[int, int]] = 32
     patch_size: int = 2
@@ -489,6 +536,7 @@ class DiT(nn.Module):
     remat_policy: str = "nothing_saveable"
     dynamic: bool = False
     dynamic_tokens: bool = True
+    numerics: str = "official"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -524,13 +572,14 @@ class DiT(nn.Module):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
                              f"{self.num_heads}")
+        numerics_settings(self.numerics)
         self.x_embedder = PatchEmbed(self.patch_size, self.hidden_size, **kw)
-        self.t_embedder = TimestepEmbedder(self.hidden_size, **kw)
+        self.t_embedder = TimestepEmbedder(self.hidden_size, numerics=self.numerics, **kw)
         self.y_embedder = LabelEmbedder(self.num_classes, self.hidden_size,
                                         self.class_dropout_prob, **kw)
         block_kw = dict(hidden_size=self.hidden_size, num_heads=self.num_heads,
                         mlp_ratio=self.mlp_ratio, dynamic=self.dynamic,
-                        dynamic_tokens=self.dynamic_tokens, **kw)
+                        dynamic_tokens=self.dynamic_tokens, numerics=self.numerics, **kw)
         if self.scan_layers:
             # One block whose parameters `run_blocks` stacks along a leading depth axis.
             self.blocks = DiTBlock(**block_kw, name="blocks")
@@ -641,6 +690,10 @@ class DiT(nn.Module):
             if jnp.ndim(v) != 1 or jnp.shape(v)[0] != x.shape[0]:
                 raise ValueError(f"DiT expects {name} of shape [B]={[x.shape[0]]}, got "
                                  f"{tuple(jnp.shape(v))}")
+        # Concrete labels (an eager call) are checked against the table; traced ones (under
+        # jit) cannot be, the samplers check theirs on the host (sampling.sample).
+        if not isinstance(y, jax.core.Tracer) and getattr(y, "is_fully_addressable", True):
+            check_labels(y, self.num_classes, allow_null=self.class_dropout_prob > 0)
 
 
 def guide(out, cfg_scale, in_channels: int, guide_channels: Optional[int] = 3):

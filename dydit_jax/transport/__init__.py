@@ -13,7 +13,7 @@ samplers (:mod:`~dydit_jax.transport.integrators`). See
 from . import path
 from .integrators import ADAPTIVE_METHODS, FIXED_GRID_METHODS, SDE_METHODS, ode, sde
 from .path import DIFFUSION_FORMS, GVPCPlan, ICPlan, VPCPlan, expand_t_like_x
-from .transport import ModelType, PathType, Sampler, Transport, WeightType
+from .transport import LAST_STEPS, ModelType, PathType, Sampler, Transport, WeightType
 from .utils import mean_flat, time_grid
 
 PATH_TYPES = {"Linear": PathType.LINEAR, "GVP": PathType.GVP, "VP": PathType.VP}
@@ -65,6 +65,7 @@ __all__ = [
     "FIXED_GRID_METHODS",
     "GVPCPlan",
     "ICPlan",
+    "LAST_STEPS",
     "ModelType",
     "PathType",
     "SDE_METHODS",

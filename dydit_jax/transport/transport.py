@@ -51,6 +51,8 @@ class WeightType(enum.Enum):
 
 PATH_PLANS = {PathType.LINEAR: path.ICPlan, PathType.GVP: path.GVPCPlan,
               PathType.VP: path.VPCPlan}
+# The SDE's final deterministic step (`Sampler.get_last_step`; None: no last step).
+LAST_STEPS = ("Mean", "Tweedie", "Euler")
 
 
 def _call(model, x, t, model_kwargs):
@@ -276,8 +278,7 @@ class Sampler:
             return tweedie
         if last_step == "Euler":
             return lambda x, t, model, **kw: x + self.drift(x, t, model, **kw) * last_step_size
-        raise NotImplementedError(f"last step {last_step!r}; choose None, 'Mean', 'Tweedie' or "
-                                  "'Euler'")
+        raise NotImplementedError(f"last step {last_step!r}; choose None or one of {LAST_STEPS}")
 
     def sample_sde(self, *, sampling_method="Euler", diffusion_form="SBDM", diffusion_norm=1.0,
                    last_step="Mean", last_step_size=0.04, num_steps=250):
