@@ -4,6 +4,7 @@ Multi-device tests run in subprocesses with 8 simulated CPU devices (see conftes
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,11 +111,18 @@ def test_kill_and_resume_gives_the_same_loss_curve(tmp_path):
     proc.wait()
     steps_before = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert max(steps_before) < 12, "the run finished before it was killed"
-    subprocess.run(main_cmd(killed, "--config.train.checkpoint_every=3"), cwd=ROOT, env=env,
-                   check=True, capture_output=True, timeout=600)
+    out = subprocess.run(main_cmd(killed, "--config.train.checkpoint_every=3"), cwd=ROOT,
+                         env=env, check=True, capture_output=True, timeout=600, text=True)
+    resumed_from = re.search(r"resuming from step (\d+) of 12", out.stdout)
+    assert resumed_from and int(resumed_from.group(1)) in (3, 6, 9), out.stdout
     resumed = [(r["step"], r["loss"]) for r in read_metrics(metrics)]
     assert resumed == reference  # bitwise: same batches, same rng, same arithmetic
     assert len(list((killed / "samples").glob("step*/grid.png"))) == 1
+    # A finished run run again says so, and leaves its samples alone.
+    again = subprocess.run(main_cmd(killed, "--config.train.checkpoint_every=3"), cwd=ROOT,
+                           env=env, check=True, capture_output=True, timeout=600, text=True)
+    assert "already at step 12 of 12" in again.stdout, again.stdout
+    assert "not resampling" in again.stdout, again.stdout
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
