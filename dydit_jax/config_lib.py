@@ -504,8 +504,7 @@ def _check_model(config) -> None:
         _fail("model.input_size", mc.input_size, f"must be divisible by the patch size {patch}")
     _check_choice(config, "model.dtype", DTYPES)
     _check_choice(config, "model.remat_policy", dit.REMAT_POLICIES)
-    if "numerics" in mc:
-        _check_choice(config, "model.numerics", tuple(dit.NUMERICS))
+    _check_choice(config, "model.numerics", tuple(dit.NUMERICS))
 
 
 def _check_sample(config) -> None:

@@ -266,42 +266,41 @@ def sample_chunks(config, workdir: str, params=None) -> Tuple[List[str], List[in
     from dydit_jax.compile_clock import CompileClock
     from dydit_jax.generate import build_sample_fn, load_sampling_params, timing_line
     from dydit_jax.train import build_model
-    clock = CompileClock().__enter__()   # closed after the loop: it counts the whole sampling
-    t0 = time.perf_counter()
-    model = build_model(config)
-    if params is None:
-        params = load_sampling_params(config, workdir, model)
-    params = jax.device_put(params, sharding_lib.replicated(mesh))
-    sample = build_sample_fn(config, model, mesh, params, ec.sampler, ec.num_steps,
-                             ec.cfg_scale, plan_dir=os.path.join(workdir, "plans"))
-    decode = None
-    if is_latent(config):
-        vae, vae_vars = load_vae(config)
-        vae_vars = jax.device_put(vae_vars, sharding_lib.replicated(mesh))
-        decode_fn = make_decode_fn(vae, mesh)
-        decode = lambda z: decode_fn(vae_vars, z)  # noqa: E731
-    batch_sharding = sharding_lib.batch_sharding(mesh)
-    base_rng = jax.random.PRNGKey(ec.seed)
+    with CompileClock() as clock:   # the whole sampling: setup, compiles, every chunk
+        t0 = time.perf_counter()
+        model = build_model(config)
+        if params is None:
+            params = load_sampling_params(config, workdir, model)
+        params = jax.device_put(params, sharding_lib.replicated(mesh))
+        sample = build_sample_fn(config, model, mesh, params, ec.sampler, ec.num_steps,
+                                 ec.cfg_scale, plan_dir=os.path.join(workdir, "plans"))
+        decode = None
+        if is_latent(config):
+            vae, vae_vars = load_vae(config)
+            vae_vars = jax.device_put(vae_vars, sharding_lib.replicated(mesh))
+            decode_fn = make_decode_fn(vae, mesh)
+            decode = lambda z: decode_fn(vae_vars, z)  # noqa: E731
+        batch_sharding = sharding_lib.batch_sharding(mesh)
+        base_rng = jax.random.PRNGKey(ec.seed)
 
-    bar = tqdm(total=sum(sizes[k] for k in todo), desc="evaluate: sample", unit="img",
-               disable=not is_main_process(), dynamic_ncols=True)
-    for k in todo:
-        labels = chunk_labels(ec.seed, k, sizes[k], num_classes)
-        rng = jax.random.fold_in(base_rng, k)
-        images = []
-        for j, start in enumerate(range(0, len(labels), batch)):
-            part = labels[start:start + batch]
-            y = global_array(padded(part, batch).astype(np.int32), batch_sharding)
-            x = sampling.check_finite(sample(params, jax.random.fold_in(rng, j), y,
-                                             ec.cfg_scale), config)
-            x = decode(x) if decode is not None else sampling.to_uint8(x)
-            images.append(as_rgb(to_host(x)[:len(part)]))
-            bar.update(len(part))
-        if is_main_process():
-            atomic_savez(paths[k], arr_0=np.concatenate(images), arr_1=labels)
-        sync(f"evaluate_chunk_{k}")
-    bar.close()
-    clock.__exit__(None, None, None)
+        bar = tqdm(total=sum(sizes[k] for k in todo), desc="evaluate: sample", unit="img",
+                   disable=not is_main_process(), dynamic_ncols=True)
+        for k in todo:
+            labels = chunk_labels(ec.seed, k, sizes[k], num_classes)
+            rng = jax.random.fold_in(base_rng, k)
+            images = []
+            for j, start in enumerate(range(0, len(labels), batch)):
+                part = labels[start:start + batch]
+                y = global_array(padded(part, batch).astype(np.int32), batch_sharding)
+                x = sampling.check_finite(sample(params, jax.random.fold_in(rng, j), y,
+                                                 ec.cfg_scale), config)
+                x = decode(x) if decode is not None else sampling.to_uint8(x)
+                images.append(as_rgb(to_host(x)[:len(part)]))
+                bar.update(len(part))
+            if is_main_process():
+                atomic_savez(paths[k], arr_0=np.concatenate(images), arr_1=labels)
+            sync(f"evaluate_chunk_{k}")
+        bar.close()
     if is_main_process():
         print("evaluate: " + timing_line(sample, sum(sizes[k] for k in todo),
                                          time.perf_counter() - t0, clock))

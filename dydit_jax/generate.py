@@ -10,18 +10,22 @@ Flow-matching models (`config.transport.enabled`) sample with the transport's OD
 Outputs go to `<workdir>/samples/<weights>-<sampler>-cfg<scale>[-<engine>]` (`output_name`;
 or `sample.output_dir`): `grid.png` and the ADM `samples.npz` of uint8 pictures; latent-space
 models decode with the SD-VAE (`sample.vae_dir`, else `evaluate.vae_dir`) and also keep their
-`latents.npz` (only that, and a note on how to get pictures, without a VAE). An existing
-folder is never rewritten silently. Each run prints its compile time, warm sampling time,
-samples/s and FLOPs ratio (`timing_line`); the width plans are cached in `<workdir>/plans`.
+`latents.npz` (only that, and a note on how to get pictures, without a VAE). Each folder's
+`settings.json` records what made its samples: a run with the same settings finds them and
+does not resample, other settings get another folder; nothing is rewritten silently. Each
+run prints its compile time, warm sampling time, samples/s and FLOPs ratio (`timing_line`);
+the width plans are cached in `<workdir>/plans`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import json
 import os
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -203,8 +207,8 @@ def vae_dir(config) -> Optional[str]:
 
 
 def output_name(config, weights: SamplingWeights) -> str:
-    """The samples folder's name: the weights and every setting that changes the samples, so
-    a run with other settings writes beside earlier ones instead of over them."""
+    """The samples folder's readable name: the weights and the main sampler settings
+    (`sample_settings` holds all of them; `output_dir` tells apart runs it does not name)."""
     sc = config.sample
     if config.transport.enabled:
         tc = config.transport
@@ -221,15 +225,49 @@ def output_name(config, weights: SamplingWeights) -> str:
     return "-".join(parts)
 
 
-def output_dir(config, workdir: str, weights: SamplingWeights) -> str:
-    """`sample.output_dir` (relative paths are inside the workdir), else
-    `<workdir>/samples/<output_name>`."""
-    if config.sample.output_dir:
-        return os.path.join(workdir, config.sample.output_dir)
-    return os.path.join(workdir, "samples", output_name(config, weights))
-
-
 SAMPLE_FILES = ("grid.png", "samples.npz", "latents.npz")
+SETTINGS_FILE = "settings.json"
+# Keys of config.sample that do not change the samples.
+_OUTPUT_KEYS = ("output_dir", "overwrite")
+
+
+def sample_settings(config, weights: SamplingWeights) -> dict:
+    """Everything that decides the samples (the weights' name, seed, model, dynamic,
+    diffusion / transport and sample sections, but not where they are written): stored as
+    the folder's settings.json, so a run finds its own earlier samples and only those."""
+    sections = ("model", "dynamic", "transport" if config.transport.enabled else "diffusion")
+    settings = {name: config[name].to_dict() for name in sections}
+    settings["sample"] = {k: v for k, v in config.sample.to_dict().items()
+                          if k not in _OUTPUT_KEYS}
+    settings.update(weights=weights.name, step=weights.step, seed=config.seed)
+    return json.loads(json.dumps(settings, default=str))   # tuples -> lists, as read back
+
+
+def _stored_settings(folder: str):
+    try:
+        with open(os.path.join(folder, SETTINGS_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def output_dir(config, workdir: str, weights: SamplingWeights) -> Tuple[str, bool]:
+    """(folder, done): where this run's samples go and whether that folder already holds them
+    (same `sample_settings`). `sample.output_dir` (relative paths are inside the workdir) is
+    used as it is; otherwise `<workdir>/samples/<output_name>`, or `<output_name>-2`, `-3`,
+    ... when a run with settings the name does not show (classes, per_class, guidance
+    channels, ...) holds that one."""
+    settings = sample_settings(config, weights)
+    if config.sample.output_dir:
+        folder = os.path.join(workdir, config.sample.output_dir)
+        return folder, _stored_settings(folder) == settings
+    base = os.path.join(workdir, "samples", output_name(config, weights))
+    for k in itertools.count(1):
+        folder = base if k == 1 else f"{base}-{k}"
+        if not os.path.exists(folder):
+            return folder, False
+        if _stored_settings(folder) == settings:
+            return folder, True
 
 
 def sample_from_workdir(config, workdir: str, params=None, step: Optional[int] = None):
@@ -246,16 +284,19 @@ def sample_from_workdir(config, workdir: str, params=None, step: Optional[int] =
     model = build_model(config)
     weights = (load_weights(config, workdir, model) if params is None else
                SamplingWeights(params, step_name(step) if step is not None else "params", step))
-    out_dir = output_dir(config, workdir, weights)
+    out_dir, done = output_dir(config, workdir, weights)
     existing = [f for f in SAMPLE_FILES if os.path.exists(os.path.join(out_dir, f))]
-    if existing and not sc.overwrite:
+    if done and not sc.overwrite:
         print(f"samples of these weights and settings are already in {out_dir} "
               f"({', '.join(existing)}): not resampling (set --config.sample.overwrite=True "
               f"to redo, or --config.sample.output_dir=<dir> to write elsewhere)")
         return None
+    if existing and not done and not sc.overwrite:   # only a chosen output_dir gets here
+        raise FileExistsError(f"config.sample.output_dir={sc.output_dir!r} holds samples of other "
+                              f"weights or settings ({', '.join(existing)}): choose another "
+                              f"folder, or set --config.sample.overwrite=True to replace them")
     latent = is_latent_model(config)
     vae = vae_dir(config) if latent else None
-    decode = None
     if vae:   # loaded before sampling: a wrong VAE folder fails before the long part
         from dydit_jax.convert_vae import load_vae
         vae_model, vae_vars = load_vae(vae)
@@ -290,7 +331,8 @@ def sample_from_workdir(config, workdir: str, params=None, step: Optional[int] =
     elif vae:
         images = decode_latents(vae_model, vae_vars, samples, mesh, batch)
     if jax.process_index() == 0:
-        _write_samples(out_dir, samples if latent else None, images, labels, sc.per_class)
+        _write_samples(out_dir, samples if latent else None, images, labels, sc.per_class,
+                       sample_settings(config, weights))
         if latent and not vae:
             print("these are latents: to get pictures, decode them with the SD-VAE the model "
                   "was trained with: --config.sample.vae_dir=<diffusers AutoencoderKL folder> "
@@ -332,12 +374,15 @@ def timing_line(sample: SampleFn, n: int, wall: float, clock: CompileClock) -> s
             f"({sample.flops_note})")
 
 
-def _write_samples(out_dir: str, latents, images, labels, per_class: int) -> None:
+def _write_samples(out_dir: str, latents, images, labels, per_class: int,
+                   settings: dict) -> None:
     """The files of one run, written to a temporary folder and renamed into place, so an
     interrupted run leaves either all of them or none."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-samples-", dir=parent)
+    with open(os.path.join(tmp, SETTINGS_FILE), "w") as f:
+        json.dump(settings, f, indent=1)
     if latents is not None:
         np.savez(os.path.join(tmp, "latents.npz"), latents=latents, labels=labels)
     if images is not None:

@@ -54,7 +54,7 @@ def test_latent_model_writes_decoded_pictures(tmp_path, capsys):
     workdir = tmp_path / "run"
     latents = main.run(config, str(workdir))
     out = workdir / "samples" / "tiny-latent-dit-ddim5-cfg4"
-    assert sorted(os.listdir(out)) == ["grid.png", "latents.npz", "samples.npz"]
+    assert sorted(os.listdir(out)) == ["grid.png", "latents.npz", "samples.npz", "settings.json"]
 
     with np.load(out / "latents.npz") as f:
         np.testing.assert_array_equal(f["latents"], latents)
@@ -85,7 +85,7 @@ def test_latent_model_without_vae_writes_latents_and_says_how(tmp_path, capsys):
     config = latent_config(tmp_path, vae=False)
     main.run(config, str(tmp_path / "run"))
     out = tmp_path / "run" / "samples" / "tiny-latent-dit-ddim5-cfg4"
-    assert os.listdir(out) == ["latents.npz"]
+    assert sorted(os.listdir(out)) == ["latents.npz", "settings.json"]
     printed = capsys.readouterr().out
     assert "--config.sample.vae_dir=" in printed and "stabilityai/sd-vae-ft-ema" in printed
 
@@ -120,6 +120,18 @@ def test_samples_are_not_overwritten_and_a_second_run_starts_warm(tmp_path, caps
     config.sample.cfg_scale = 2.0
     main.run(config, str(workdir))
     assert (workdir / "samples" / "tiny-latent-dit-ddim5-cfg2" / "latents.npz").exists()
+    # A setting the folder name does not show: a folder beside it, not the old samples.
+    config.sample.update(cfg_scale=4.0, per_class=1)
+    fewer = main.run(config, str(workdir))
+    assert fewer.shape[0] == 2
+    with np.load(workdir / "samples" / "tiny-latent-dit-ddim5-cfg4-2" / "latents.npz") as f:
+        np.testing.assert_array_equal(f["latents"], fewer)
+    assert (out / "latents.npz").stat().st_mtime_ns == stamp
+    # A chosen output_dir that holds other samples is refused, not overwritten.
+    config.sample.output_dir = "samples/tiny-latent-dit-ddim5-cfg4"
+    with pytest.raises(FileExistsError, match="holds samples of other weights or settings"):
+        main.run(config, str(workdir))
+    config.sample.update(per_class=2, output_dir="")
     capsys.readouterr()
 
     config.sample.update(cfg_scale=4.0, overwrite=True)
