@@ -16,7 +16,8 @@ SDE sampler (`:sampler=sde`, Euler-Maruyama, w(t) = sigma_t, 50 points).
 
 Args: steps (2000), size (16), batch (32), sampler (ode | sde), method (ode: euler | heun2 |
 midpoint | rk4 | dopri5; sde: euler | heun), sample_steps (50), and for DyDiT fine-tuning of
-the trained SiT: lam (> 0: the FLOPs ratio to reach), init (its workdir), warmup (300):
+the trained SiT: lam (> 0: the FLOPs ratio to reach), init (its workdir), warmup (300), peft
+(none | lora | tdlora: base frozen, adapters + routers trained at lr peft_lr):
 
     python -m dydit_jax.main --config=configs/digits_sit.py:lam=0.5,init=runs/digits_sit \
         --workdir=runs/digits_sit_dydit
@@ -37,7 +38,8 @@ from dydit_jax import config_lib
 
 def get_config(arg=None):
     args = config_lib.parse_arg(arg, steps=2000, size=16, batch=32, sampler="ode",
-                                method="euler", sample_steps=50, lam=0.0, init="", warmup=300)
+                                method="euler", sample_steps=50, lam=0.0, init="", warmup=300,
+                                peft="none", peft_lr=1e-3)
     spec = importlib.util.spec_from_file_location(
         "digits", os.path.join(os.path.dirname(__file__), "digits.py"))
     digits = importlib.util.module_from_spec(spec)
@@ -55,4 +57,5 @@ def get_config(arg=None):
         c.train.update(init_from=args.init, lr=3e-4)
         if "steps" not in (arg or ""):
             c.train.num_steps = 800
+    config_lib.apply_peft_arg(c, args.peft, args.peft_lr)
     return c

@@ -33,7 +33,8 @@ def load_params(path: str, target=None):
 
 
 class TrainCheckpointer:
-    """Training checkpoints: state (params, EMA, optimizer, step, rng), data cursor, config.
+    """Training checkpoints: state (params, EMA, optimizer, step, rng), data cursor, config,
+    and for PEFT runs the record of the frozen base ("base", `peft.trainable.base_record`).
 
     An orbax `CheckpointManager` underneath: saves are asynchronous and atomic (written to a
     temporary directory, renamed when complete), so a process killed at any moment leaves
@@ -53,13 +54,22 @@ class TrainCheckpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "data", "config"))
+                                              item_names=("state", "data", "config", "base"))
 
-    def save(self, step: int, state, data_state: dict, config_json: dict) -> None:
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config_json)))
+    def save(self, step: int, state, data_state: dict, config_json: dict,
+             base_record: dict | None = None) -> None:
+        items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                     config=ocp.args.JsonSave(config_json))
+        if base_record is not None:
+            items["base"] = ocp.args.JsonSave(base_record)
+        self._manager.save(step, args=ocp.args.Composite(**items))
+
+    def base_record(self, step: int):
+        """The "base" item of `step` (a PEFT run's frozen-base record), None if it has none."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "base")):
+            return None
+        return self._manager.restore(step, args=ocp.args.Composite(
+            base=ocp.args.JsonRestore()))["base"]
 
     def all_steps(self):
         return sorted(self._manager.all_steps())

@@ -55,6 +55,25 @@ def base_config() -> ml_collections.ConfigDict:
         reorder=True,            # sort heads/groups by importance when starting from a DiT
     ))
 
+    # Parameter-efficient fine-tuning (dydit_jax/peft): the base stays frozen (rebuilt from
+    # train.init_from, never saved again), adapters on the `targets` Dense layers train, and
+    # with them the base leaves `trainable` names (the DyDiT routers). tdlora mixes `experts`
+    # rank-`rank` LoRAs by softmax/sigmoid(E_t W_r / tau) per layer or per block.
+    c.peft = ml_collections.ConfigDict(dict(
+        method="none",           # none | lora | tdlora
+        rank=4,
+        alpha=0.0,               # delta scaled by alpha / rank; 0: alpha = rank (scale 1)
+        experts=3,               # tdlora's K
+        mixing="softmax",        # softmax | sigmoid
+        scope="layer",           # layer (a router per target) | block (one per block)
+        tau=1.0,
+        targets=r"blocks(_\d+)?/(attn/(qkv|proj)|mlp/(fc1|fc2))$",   # regex on Dense paths
+        adaln=False,             # also adapt every block's adaLN_modulation
+        block_pattern=r"^[^/]*blocks(_\d+)?",
+        time_module="t_embedder",
+        trainable=r"(head_router|group_router|token_router)/",   # base leaves that train
+    ))
+
     c.diffusion = ml_collections.ConfigDict(dict(
         noise_schedule="linear",
         diffusion_steps=1000,
@@ -197,10 +216,12 @@ def imagenet_config(model_name: str, arg: str | None) -> ml_collections.ConfigDi
     data=latents (SD-VAE latents extracted once, 32x32x4 for 256 px) | imagenet (pixel space,
     3 channels; ADM-style training without a VAE) | synthetic (benchmarks), dtype, fsdp,
     latents (dir of latent shards), lam (> 0: DyDiT fine-tuning to this FLOPs ratio from the
-    DiT given by init, e.g. `lam=0.5,init=converted/DiT-XL-2-256`), init.
+    DiT given by init, e.g. `lam=0.5,init=converted/DiT-XL-2-256`), init, peft (none | lora |
+    tdlora: the DyDiT++ PEFT recipe, base frozen; `lam=0.5,init=...,peft=tdlora`), peft_lr.
     """
     args = parse_arg(arg, batch=256, steps=400_000, image_size=256, data="latents",
-                     dtype="bfloat16", fsdp=1, latents="", lam=0.0, init="")
+                     dtype="bfloat16", fsdp=1, latents="", lam=0.0, init="", peft="none",
+                     peft_lr=1e-4)
     c = base_config()
     latent = args.data in ("latents", "synthetic")
     size = args.image_size // 8 if latent else args.image_size
@@ -228,6 +249,10 @@ def imagenet_config(model_name: str, arg: str | None) -> ml_collections.ConfigDi
             c.train.num_steps = 200_000
     c.sample.update(num_steps=250, cfg_scale=4.0, per_class=4, batch_size=32,
                     classes=(207, 360, 387, 974, 88, 979, 417, 279))
+    if args.peft != "none" and not args.init:
+        raise ConfigError(f"peft={args.peft} fine-tunes a trained model with its weights frozen: "
+                          f"pass init=<converted params dir, .pt file or workdir>")
+    apply_peft_arg(c, args.peft, args.peft_lr)
     if model_name.startswith("SiT"):
         # The sampler of SiT-XL/2's FID (the release's sample_ddp.py SDE defaults):
         # Euler-Maruyama over 250 points, w(t) = sigma_t, a "Mean" last step of 0.04.
@@ -235,6 +260,17 @@ def imagenet_config(model_name: str, arg: str | None) -> ml_collections.ConfigDi
                            sampler="sde", method="Euler", num_steps=250,
                            diffusion_form="sigma", last_step="Mean", last_step_size=0.04)
     return c
+
+
+def apply_peft_arg(c: ml_collections.ConfigDict, method: str, lr: float) -> None:
+    """A config file's `peft=` argument: LoRA / TD-LoRA on the defaults of `config.peft`, at
+    learning rate `lr` (adapters start at zero and take a larger one than full fine-tuning)."""
+    if method == "none":
+        return
+    if method not in ("lora", "tdlora"):
+        raise ConfigError(f"config arg peft={method!r}; valid: none, lora, tdlora")
+    c.peft.method = method
+    c.train.lr = lr
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -297,6 +333,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_data(config)
     if config.transport.enabled:
         _check_transport(config)
+    _check_peft(config)
 
 
 def check_sources(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -505,6 +542,34 @@ def _check_model(config) -> None:
     _check_choice(config, "model.dtype", DTYPES)
     _check_choice(config, "model.remat_policy", dit.REMAT_POLICIES)
     _check_choice(config, "model.numerics", tuple(dit.NUMERICS))
+
+
+def _check_peft(config) -> None:
+    pc = config.peft
+    _check_choice(config, "peft.method", ("none", "lora", "tdlora"))
+    if pc.method == "none":
+        return
+    try:
+        peft_spec(config)
+    except ValueError as e:
+        raise ConfigError(f"config.{str(e)}") from None
+    if config.mode == "train" and not config.train.init_from:
+        _fail("train.init_from", config.train.init_from,
+              f"peft.method={pc.method!r} fine-tunes a trained model with its weights frozen: "
+              f"set train.init_from to it (a workdir, converted params or an official file)")
+
+
+def peft_spec(config):
+    """The `LoraSpec` of `config.peft`, or None for method "none"."""
+    pc = config.peft
+    if pc.method == "none":
+        return None
+    from dydit_jax.peft import ADALN_TARGETS, LoraSpec
+    spec = LoraSpec.from_config(pc)
+    if pc.adaln:
+        import dataclasses
+        spec = dataclasses.replace(spec, targets=f"({spec.targets})|({ADALN_TARGETS})")
+    return spec
 
 
 def _check_sample(config) -> None:

@@ -54,6 +54,10 @@ def load_weights(config, workdir: str, model) -> SamplingWeights:
     checkpoint (EMA unless `sample.use_ema=False`), else an orbax params directory (the
     converter's output), a diffusers folder or an official `.pt` / `.safetensors` file."""
     source = config.sample.checkpoint
+    from dydit_jax.config_lib import peft_spec
+    spec = peft_spec(config)
+    if not source and spec is not None:
+        return _peft_weights(config, workdir, model, spec)
     if not source:
         tx = build_optimizer(config.train)
         abstract = jax.eval_shape(functools.partial(init_state, model, tx),
@@ -75,6 +79,29 @@ def load_weights(config, workdir: str, model) -> SamplingWeights:
         return SamplingWeights(convert.to_layout(load_params(source), model.scan_layers), name)
     which = "ema" if config.sample.use_ema else "model"
     return SamplingWeights(convert.from_pytorch(source, model, which=which)["params"], name)
+
+
+def _peft_weights(config, workdir: str, model, spec) -> SamplingWeights:
+    """A PEFT workdir's weights: its base (`train.init_from`, checked against the base the
+    adapters were trained on) with the latest checkpoint's trainable tree (EMA by default)."""
+    from dydit_jax.peft import combine
+    from dydit_jax.peft.trainable import split_trainable
+    from dydit_jax.train import restore_peft
+    checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        base, state, _, step, _ = restore_peft(config, model, spec,
+                                               build_optimizer(config.train), checkpointer)
+    finally:
+        checkpointer.close()
+    if state is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first, or "
+                                f"set --config.sample.checkpoint=<params dir or .pt file>")
+    which = "EMA" if config.sample.use_ema else "raw"
+    print(f"sampling with the {which} {spec.method} adapters of step {step} on the base "
+          f"{config.train.init_from or '(fresh init)'}")
+    _, frozen = split_trainable(base, spec)
+    trainable = state["ema"] if config.sample.use_ema else state["params"]
+    return SamplingWeights(combine(frozen, jax.device_get(trainable)), step_name(step), step)
 
 
 def load_sampling_params(config, workdir: str, model):
@@ -154,6 +181,17 @@ def build_sample_fn(config, model, mesh, params, sampler: str, num_steps: int,
     sc = config.sample
     if sc.engine not in sampling.SAMPLE_ENGINES:
         raise ValueError(f"config.sample.engine={sc.engine!r}; valid: {sampling.SAMPLE_ENGINES}")
+    # PEFT weights (adapter leaves beside the base): the samplers run W + delta W(t) merged
+    # once per step (`PeftModel` "merged", the engine's `peft=`), never per token.
+    from dydit_jax.config_lib import peft_spec
+    from dydit_jax.peft import PeftModel, has_adapters
+    spec = peft_spec(config) if has_adapters(params) else None
+    if has_adapters(params) and spec is None:
+        raise ValueError("these weights hold LoRA adapters: set config.peft to the method "
+                         "they were trained with")
+    base_model = model
+    if spec is not None:
+        model = PeftModel(model, spec, mode="merged")
     common = dict(guide_channels=None if sc.guide_channels < 0 else sc.guide_channels,
                   use_cfg=cfg_scale > 1.0)
     diffusion = None if config.transport.enabled else build_diffusion(
@@ -172,7 +210,7 @@ def build_sample_fn(config, model, mesh, params, sampler: str, num_steps: int,
         note = "masks on the full widths: every head and group is computed"
         if diffusion is not None:
             from dydit_jax.engine.plan import get_plan
-            routed = get_plan(model, {"params": params}, diffusion, cache_dir=plan_dir)
+            routed = get_plan(base_model, {"params": params}, diffusion, cache_dir=plan_dir)
             note += (f"; the routers keep {routed.macs_ratio(model, include_routers=False):.3f}"
                      f" of the FLOPs (tokens all kept), which engine=gathered runs")
         return SampleFn(fn, "masked", 1.0, note)
@@ -181,7 +219,8 @@ def build_sample_fn(config, model, mesh, params, sampler: str, num_steps: int,
     if not model.dynamic:
         raise ValueError("config.sample.engine=gathered needs a dynamic model "
                          "(config.dynamic.enabled=True)")
-    common.update(mesh=mesh, batch_axes=sharding_lib.BATCH_AXES, plan_dir=plan_dir)
+    model = base_model
+    common.update(mesh=mesh, batch_axes=sharding_lib.BATCH_AXES, plan_dir=plan_dir, peft=spec)
     if diffusion is None:
         engine = FlowEngine(model, {"params": params}, build_transport(config),
                             **_flow_solver_kwargs(config), **common)

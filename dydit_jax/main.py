@@ -49,7 +49,11 @@ def _run_mode(config, workdir: str):
         from dydit_jax import generate, train
         state = train.train_and_evaluate(config, workdir)
         key = "ema" if config.sample.use_ema else "params"
-        return generate.sample_from_workdir(config, workdir, params=state[key],
+        params = state[key]
+        if "frozen" in state:   # a PEFT run: the trainable tree on its frozen base
+            from dydit_jax.peft import combine
+            params = combine(state["frozen"], params)
+        return generate.sample_from_workdir(config, workdir, params=params,
                                             step=int(state["step"]))
     if config.mode == "sample":
         from dydit_jax import generate

@@ -7,9 +7,13 @@ The same code runs on one CPU, on 8 simulated devices and on a TPU pod:
 - the train step is compiled once with explicit in/out shardings and donates the old state;
 - the step's randomness is `fold_in(state.rng, step)`, so a resumed run draws the same numbers;
 - the data cursor is saved with each checkpoint, so a resumed run sees the same batches.
+With `config.peft` (LoRA / TD-LoRA, dydit_jax/peft) the state holds only the trainable tree
+(adapters, routers): the frozen base is a separate, non-donated input of the train step, has no
+EMA or optimizer moments and is not checkpointed (its fingerprint is).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -137,11 +141,22 @@ def build_loss_fn(config, model: DiT, diffusion=None) -> Callable:
 
 
 def make_train_step(loss_fn: Callable, tx, ema_decay: float) -> Callable:
-    """(state, batch) -> (state, metrics). Metrics are means over the global batch."""
+    """(state, batch[, frozen]) -> (state, metrics). Metrics are means over the global batch.
 
-    def train_step(state: State, batch) -> tuple:
+    With `frozen` (a PEFT run's frozen base), `state["params"]` is the trainable tree and the
+    loss sees both (`peft.combine`); gradients exist for the trainable leaves only.
+    """
+
+    def train_step(state: State, batch, frozen=None) -> tuple:
         rng = jax.random.fold_in(state["rng"], state["step"])
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        if frozen is None:
+            objective = loss_fn
+        else:
+            from dydit_jax.peft import combine
+
+            def objective(trainable, *args):
+                return loss_fn(combine(frozen, trainable), *args)
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
             state["params"], batch, rng, state["step"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -195,6 +210,92 @@ def setup_state(config, model, tx, mesh, checkpointer):
         state = dict(state, params=params, ema=jax.tree_util.tree_map(jnp.copy, params),
                      opt_state=jax.jit(tx.init, out_shardings=shardings["opt_state"])(params))
     return state, None, shardings
+
+
+@dataclasses.dataclass
+class PeftSetup:
+    """A PEFT run's frozen base on the mesh, its shardings and the checkpoint's base record."""
+    spec: Any
+    frozen: Any
+    shardings: Any
+    record: dict
+
+
+def base_params(config, model):
+    """The base of a PEFT run on the host: the model's init at `config.seed` overwritten by
+    `train.init_from` (reordered for DyDiT as `initial_params` does). Deterministic: the same
+    config gives the same base, in training, on resume and in sample mode."""
+    init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+    fresh = jax.device_get(jax.jit(lambda r: model.init(r, *dummy_inputs(model))["params"])(
+        init_rng))
+    if not config.train.init_from:
+        logging.warning("peft without train.init_from: the frozen base is a fresh init")
+        return fresh
+    return initial_params(config, model, fresh)
+
+
+def peft_state_fn(model, spec, tx, base) -> Callable:
+    """(rng, trainable_base) -> a fresh PEFT train state: adapters initialised for the targets
+    of `base`, with `trainable_base` (`split_trainable(base)[0]`) beside them; EMA and
+    optimizer state of that trainable tree only."""
+    from dydit_jax.peft import combine, init_adapters
+
+    def init_fn(rng, trainable_base):
+        run_rng, adapter_rng = jax.random.split(rng)
+        adapters = init_adapters(base, spec, jax.random.fold_in(adapter_rng, 1),
+                                 model.hidden_size)
+        trainable = combine(adapters, trainable_base)
+        return {"step": jnp.zeros((), jnp.int32), "params": trainable,
+                "ema": jax.tree_util.tree_map(jnp.copy, trainable),
+                "opt_state": tx.init(trainable), "rng": run_rng}
+
+    return init_fn
+
+
+def restore_peft(config, model, spec, tx, checkpointer, mesh=None):
+    """(base, state or None, data_state, step, record) of a PEFT workdir: the base rebuilt
+    (`base_params`), the latest checkpoint's trainable state restored (placed by the mesh's
+    rules, or on the default device without a mesh) and checked against that base."""
+    from dydit_jax.peft.trainable import check_base, split_trainable
+    base = base_params(config, model)
+    trainable_base, _ = split_trainable(base, spec)
+    init_fn = peft_state_fn(model, spec, tx, base)
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed), trainable_base)
+    if mesh is not None:
+        shardings = sharding_lib.tree_shardings(abstract, mesh, config.mesh.rules)
+        abstract = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    restored = checkpointer.restore_latest(abstract)
+    if restored is None:
+        return base, None, None, None, None
+    state, data_state, step = restored
+    record = checkpointer.base_record(step)
+    check_base(record, base, config.train.init_from)
+    return base, state, data_state, step, record
+
+
+def setup_peft_state(config, model, spec, tx, mesh, checkpointer):
+    """`setup_state` for a PEFT run: (state, data_state or None, state_shardings, PeftSetup).
+
+    The state's params are the trainable tree only; the frozen base is placed by the same
+    sharding rules. A restored checkpoint must name this base (`trainable.check_base`).
+    """
+    from dydit_jax.peft.trainable import base_record, split_trainable
+    base, state, data_state, step, record = restore_peft(config, model, spec, tx,
+                                                         checkpointer, mesh)
+    trainable_base, frozen = split_trainable(base, spec)
+    frozen_sh = sharding_lib.tree_shardings(frozen, mesh, config.mesh.rules)
+    frozen = jax.device_put(frozen, frozen_sh)
+    init_fn = peft_state_fn(model, spec, tx, base)
+    rng = jax.random.PRNGKey(config.seed)
+    shardings = sharding_lib.tree_shardings(jax.eval_shape(init_fn, rng, trainable_base), mesh,
+                                            config.mesh.rules)
+    if state is not None:
+        logging.info("resumed PEFT adapters from step %d", step)
+        return state, data_state, shardings, PeftSetup(spec, frozen, frozen_sh, record)
+    state = jax.jit(init_fn, out_shardings=shardings)(rng, trainable_base)
+    record = base_record(base, spec, state["params"], config.train.init_from)
+    return state, None, shardings, PeftSetup(spec, frozen, frozen_sh, record)
 
 
 def initial_params(config, model: DiT, fresh_params):
@@ -284,7 +385,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"),
                                      max_to_keep=tc.keep_checkpoints, keep_period=tc.keep_period,
                                      async_save=tc.async_checkpointing)
-    state, data_state, state_shardings = setup_state(config, model, tx, mesh, checkpointer)
+    from dydit_jax.config_lib import peft_spec
+    spec = peft_spec(config)
+    peft = None
+    if spec is None:
+        state, data_state, state_shardings = setup_state(config, model, tx, mesh, checkpointer)
+    else:
+        from dydit_jax.peft import PeftModel
+        state, data_state, state_shardings, peft = setup_peft_state(
+            config, model, spec, tx, mesh, checkpointer)
+        model = PeftModel(model, spec)
+        if jax.process_index() == 0:
+            r = peft.record
+            print(f"peft {spec.method}: {r['trainable_params']:,} trainable of "
+                  f"{r['base_params']:,} base parameters "
+                  f"({100 * r['trainable_params'] / r['base_params']:.2f} %)", flush=True)
 
     local_bs = sharding_lib.local_batch_size(tc.batch_size, mesh)
     source = data_lib.create_source(config.data, process_index=jax.process_index(),
@@ -293,11 +408,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     if data_state is not None:
         source.set_state(data_state)
 
-    train_step = jax.jit(
+    in_shardings = (state_shardings, sharding_lib.batch_sharding(mesh))
+    if peft is not None:
+        in_shardings += (peft.shardings,)
+    step_fn = jax.jit(
         make_train_step(build_loss_fn(config, model), tx, tc.ema_decay),
-        in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+        in_shardings=in_shardings,
         out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
         donate_argnums=(0,))
+    frozen = () if peft is None else (peft.frozen,)
+    record = None if peft is None else peft.record
+
+    def train_step(state, batch):
+        return step_fn(state, batch, *frozen)
 
     writer = MetricWriter(workdir)
     start_step = int(state["step"])
@@ -330,8 +453,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
             bar.set_postfix(loss=f"{scalars['loss']:.4f}")
             acc, t_last, step_last = None, now, done
         if done % tc.checkpoint_every == 0 or done == end_step:
-            checkpointer.save(done, state, source.get_state(), config.to_dict())
+            checkpointer.save(done, state, source.get_state(), config.to_dict(), record)
     checkpointer.close()
     writer.close()
     source.close()
+    if peft is not None:
+        state = dict(state, frozen=peft.frozen)   # so the caller can sample the whole model
     return state

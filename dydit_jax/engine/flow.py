@@ -106,7 +106,8 @@ class FlowEngine(Engine):
                  guide_channels: Optional[int] = 3, grid: Grid = "exact",
                  token_capacities: Sequence[float] = DEFAULT_CAPACITIES, mesh=None,
                  batch_axes=None, latent_shape: Optional[Sequence[int]] = None,
-                 plan: Optional[WidthPlan] = None, plan_dir=None, compilation_cache_dir=None):
+                 plan: Optional[WidthPlan] = None, plan_dir=None, compilation_cache_dir=None,
+                 peft=None):
         from dydit_jax.transport import ADAPTIVE_METHODS
 
         method = canonical_flow_method(sampler, method)
@@ -127,7 +128,7 @@ class FlowEngine(Engine):
                     token_capacities=token_capacities, executor="fused", mesh=mesh,
                     batch_axes=batch_axes, latent_shape=latent_shape, use_cfg=use_cfg,
                     guide_channels=guide_channels,
-                    compilation_cache_dir=compilation_cache_dir)
+                    compilation_cache_dir=compilation_cache_dir, peft=peft)
 
     # -- the fused executable's functions (see Engine._fused_executable) --------------------
 

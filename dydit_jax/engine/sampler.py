@@ -104,6 +104,9 @@ class Engine:
     :param plan: a `WidthPlan` (checked against model, parameters and schedule); default
         `get_plan(model, variables, diffusion, cache_dir=plan_dir)`.
     :param compilation_cache_dir: enables JAX's persistent compilation cache there (global).
+    :param peft: the `LoraSpec` of LoRA / TD-LoRA adapters in `variables` (adapter leaves
+        beside the base, `peft.combine`): each step merges W + delta W(t) once, for all rows
+        (a step has one t), and gathers from the merged weights. Fused executor only.
     """
 
     def __init__(self, model, variables, diffusion, *, sampler: str = "ddpm", eta: float = 0.0,
@@ -112,7 +115,8 @@ class Engine:
                  token_capacities: Sequence[float] = DEFAULT_CAPACITIES,
                  executor: str = "fused", mesh=None, batch_axes=None,
                  latent_shape: Optional[Sequence[int]] = None,
-                 plan: Optional[WidthPlan] = None, plan_dir=None, compilation_cache_dir=None):
+                 plan: Optional[WidthPlan] = None, plan_dir=None, compilation_cache_dir=None,
+                 peft=None):
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
         self.diffusion = diffusion
@@ -121,11 +125,11 @@ class Engine:
                     token_capacities=token_capacities, executor=executor, mesh=mesh,
                     batch_axes=batch_axes, latent_shape=latent_shape, use_cfg=use_cfg,
                     guide_channels=guide_channels,
-                    compilation_cache_dir=compilation_cache_dir)
+                    compilation_cache_dir=compilation_cache_dir, peft=peft)
 
     def _setup(self, model, variables, schedule, *, plan, plan_dir, grid, token_capacities,
                executor, mesh, batch_axes, latent_shape, use_cfg, guide_channels,
-               compilation_cache_dir):
+               compilation_cache_dir, peft=None):
         """What every engine holds: the plan of `schedule` and its buckets, the mesh, the
         parameters split into non-block and (stacked) block trees, the executable cache."""
         if executor not in EXECUTORS:
@@ -137,6 +141,14 @@ class Engine:
             enable_persistent_cache(compilation_cache_dir)
         if "params" not in variables:
             variables = {"params": variables}
+        from dydit_jax.peft import has_adapters
+        if has_adapters(variables["params"]) and peft is None:
+            raise ValueError("these variables hold LoRA adapters: pass peft=<their LoraSpec> "
+                             "(or merge them first with peft.merge_params)")
+        if peft is not None and executor != "fused":
+            raise ValueError("adapters are merged per step inside the fused executor: use "
+                             "executor='fused' with peft")
+        self.peft = peft
         self.model = model
         self.use_cfg, self.guide_channels = use_cfg, guide_channels
         self.executor = executor
@@ -223,6 +235,8 @@ class Engine:
         half with CFG (with `both_halves`, a pair: also the unconditional half, see
         `gathered.guide`). Returns (out [B, ...], kept [L] summed over all devices' rows)."""
         both_halves = both_halves and self.use_cfg
+        if self.peft is not None:
+            rest, blocks = self._merged(rest, blocks, t)
 
         def local(rest, blocks, widths, x, t, y, cfg_scale):
             out, kept = gathered.forward(
@@ -235,6 +249,13 @@ class Engine:
                                      ((b, b) if both_halves else b, b))(
             rest, blocks, widths, x, t, y, cfg_scale)
         return out, jnp.sum(kept, axis=0)
+
+    def _merged(self, rest, blocks, t):
+        """The step's weights W + delta W(t) (t [B] model timesteps, one value per step):
+        E_t once, then every adapted kernel merged (depth-stacked in `blocks`)."""
+        from dydit_jax.peft import merge_params, time_embedding
+        t_emb = time_embedding(self.model, rest, t[:1], self.peft)[0]
+        return (merge_params(rest, t_emb, self.peft), merge_params(blocks, t_emb, self.peft))
 
     def _step(self, model_fn, x, i, step_key):
         """One sampler step at step index i (traced), exactly as the masked sampler's loop."""
