@@ -16,7 +16,7 @@ import re
 
 import ml_collections
 
-MODES = ("train", "sample", "plot", "evaluate", "extract")
+MODES = ("train", "sample", "plot", "evaluate", "extract", "export")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -72,6 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
         block_pattern=r"^[^/]*blocks(_\d+)?",
         time_module="t_embedder",
         trainable=r"(head_router|group_router|token_router)/",   # base leaves that train
+        # mode=export: the workdir's latest plain-LoRA adapters as a PEFT folder (official or
+        # diffusers module names), in export_dir (empty: <workdir>/adapters/<step>-<naming>).
+        export_naming="official",
+        export_dir="",
     ))
 
     c.diffusion = ml_collections.ConfigDict(dict(
@@ -174,6 +178,10 @@ def base_config() -> ml_collections.ConfigDict:
                                  # pictures (None: evaluate.vae_dir; neither: latents.npz only)
         output_dir="",           # empty: <workdir>/samples/<weights>-<sampler>-cfg<s>[-engine]
         overwrite=False,         # rewrite a samples folder that already holds these samples
+        # A plain LoRA in the PEFT / diffusers safetensors format (a folder with
+        # adapter_model.safetensors, or the file) put on the `checkpoint` weights (peft.method
+        # "lora"; rank and scale come from the file).
+        adapters="",
     ))
 
     # mode=evaluate (dydit_jax/evaluate.py): FID-50K etc. of the `sample.checkpoint` weights
@@ -346,6 +354,10 @@ def check_sources(config: ml_collections.ConfigDict, workdir: str) -> None:
         raise ConfigError(f"--workdir={workdir!r} exists and is not a directory")
     if mode in ("sample", "plot", "evaluate"):
         _check_weights(config, workdir)
+    if mode == "export" and not os.path.isdir(os.path.join(workdir, "checkpoints")) and \
+            _is_local(workdir):
+        _fail("mode", mode, f"export writes the adapters of --workdir={workdir}'s latest "
+              f"checkpoint, and it has none: train there first")
     if mode == "train":
         _check_exists(config, "train.init_from", "it should be a training workdir, an orbax "
                       "params directory or an official .pt / .safetensors file")
@@ -505,9 +517,16 @@ def _check_exists(config, key: str, hint: str) -> None:
 
 def _check_weights(config, workdir: str) -> None:
     """The weights of sample / plot / evaluate: `sample.checkpoint`, else the workdir's."""
+    if config.sample.adapters:
+        _check_exists(config, "sample.adapters", "it should be a PEFT adapter folder "
+                      "(adapter_model.safetensors + adapter_config.json) or the .safetensors")
+        if not config.sample.checkpoint:
+            _fail("sample.adapters", config.sample.adapters, "adapters go on a base model: set "
+                  "--config.sample.checkpoint to it (params dir, .pt or diffusers folder)")
     if config.sample.checkpoint:
         _check_exists(config, "sample.checkpoint", "it should be an orbax params directory (the "
-                      "converter's output) or an official .pt / .safetensors file")
+                      "converter's output), a training workdir, a diffusers folder or an "
+                      "official .pt / .safetensors file")
     elif _is_local(workdir) and not os.path.isdir(os.path.join(workdir, "checkpoints")):
         _fail("sample.checkpoint", "", f"mode={config.mode} then reads the latest checkpoint of "
               f"--workdir={workdir}, which has none: train there first (mode=train), or set "
@@ -547,6 +566,13 @@ def _check_model(config) -> None:
 def _check_peft(config) -> None:
     pc = config.peft
     _check_choice(config, "peft.method", ("none", "lora", "tdlora"))
+    _check_choice(config, "peft.export_naming", ("official", "diffusers"))
+    if config.sample.adapters and pc.method != "lora":
+        _fail("peft.method", pc.method, "sample.adapters holds a plain LoRA: set "
+              "--config.peft.method=lora")
+    if config.mode == "export" and pc.method != "lora":
+        _fail("peft.method", pc.method, "mode=export writes plain LoRA adapters (the PEFT "
+              "format has no timestep mixing): a peft.method=lora run's workdir")
     if pc.method == "none":
         return
     try:

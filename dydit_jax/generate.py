@@ -74,11 +74,56 @@ def load_weights(config, workdir: str, model) -> SamplingWeights:
                                step_name(step), step)
     name = os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
     from dydit_jax import convert
-    if os.path.isdir(source) and not convert.is_diffusers_dir(source):
+    if os.path.isdir(os.path.join(source, "checkpoints")):   # another run's workdir: its EMA
+        from dydit_jax.train import _latest_ema
+        weights = SamplingWeights(convert.to_layout(_latest_ema(source), model.scan_layers),
+                                  name)
+    elif os.path.isdir(source) and not convert.is_diffusers_dir(source):
         # The converter writes per-block params; scanned configs (the ImageNet ones) stack them.
-        return SamplingWeights(convert.to_layout(load_params(source), model.scan_layers), name)
-    which = "ema" if config.sample.use_ema else "model"
-    return SamplingWeights(convert.from_pytorch(source, model, which=which)["params"], name)
+        weights = SamplingWeights(convert.to_layout(load_params(source), model.scan_layers),
+                                  name)
+    else:
+        which = "ema" if config.sample.use_ema else "model"
+        weights = SamplingWeights(convert.from_pytorch(source, model, which=which)["params"],
+                                  name)
+    if config.sample.adapters:
+        weights = with_peft_file(config, model, weights)
+    return weights
+
+
+def with_peft_file(config, model, weights: SamplingWeights) -> SamplingWeights:
+    """`weights` with the plain LoRA of `config.sample.adapters` (a PEFT / diffusers
+    safetensors folder or file, `peft.import_peft`) beside them; named base+adapters."""
+    from dydit_jax.config_lib import peft_spec
+    from dydit_jax.peft import combine, import_peft
+    path = config.sample.adapters
+    adapters = import_peft(path, model, peft_spec(config), params=weights.params)
+    name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    print(f"sampling {weights.name} with the LoRA adapters of {path}")
+    return SamplingWeights(combine(weights.params, adapters), f"{weights.name}+{name}",
+                           weights.step)
+
+
+def export_adapters(config, workdir: str) -> str:
+    """mode=export: the plain-LoRA adapters of the workdir's latest checkpoint (EMA unless
+    `sample.use_ema=False`) as a PEFT folder (`peft.export_peft`, `peft.export_naming` names).
+    Returns the folder."""
+    from dydit_jax.config_lib import peft_spec
+    from dydit_jax.peft import export_peft, split_adapters
+    if config.dynamic.enabled:
+        raise ValueError("mode=export writes LoRA adapters for an unchanged base; a DyDiT run "
+                         "also trains routers (and reorders the base's heads), which the PEFT "
+                         "format cannot carry: sample it here, or export a plain DiT's LoRA")
+    model = build_model(config)
+    weights = load_weights(config, workdir, model)
+    _, adapters = split_adapters(weights.params)
+    naming = config.peft.export_naming
+    out = config.peft.export_dir or os.path.join(workdir, "adapters", f"{weights.name}-{naming}")
+    export_peft(adapters, model, out, peft_spec(config), naming=naming,
+                overwrite=config.sample.overwrite,
+                base_model=config.train.init_from or None)
+    print(f"wrote the {naming}-named LoRA adapters of {weights.name} to {out}")
+    return out
 
 
 def _peft_weights(config, workdir: str, model, spec) -> SamplingWeights:

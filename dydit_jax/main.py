@@ -64,6 +64,9 @@ def _run_mode(config, workdir: str):
     if config.mode == "evaluate":
         from dydit_jax import evaluate
         return evaluate.evaluate_from_workdir(config, workdir)
+    if config.mode == "export":
+        from dydit_jax import generate
+        return generate.export_adapters(config, workdir)
     if config.mode == "extract":
         from dydit_jax import extract_latents
         return extract_latents.extract_from_config(config, workdir)

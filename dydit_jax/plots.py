@@ -168,7 +168,12 @@ def plot_from_workdir(config, workdir: str):
     source = data_lib.create_source(config.data, local_batch_size=2)
     batch = source.next()
     source.close()
-    token_t = plot_token_masks(model, params, process, batch["image"], batch["label"],
+    from dydit_jax.config_lib import peft_spec
+    from dydit_jax.peft import PeftModel, has_adapters
+    # Token routers read the residual stream, which adapters change (width routers read E_t,
+    # which they do not): the token maps run the adapted model.
+    token_model = PeftModel(model, peft_spec(config)) if has_adapters(params) else model
+    token_t = plot_token_masks(token_model, params, process, batch["image"], batch["label"],
                                os.path.join(out, "token_masks.png"))
     print(f"wrote {out}/width_heatmap.png and {out}/token_masks.png")
     return dict(width_t=width_t, head_masks=heads, group_masks=groups, token_t=token_t)

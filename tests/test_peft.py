@@ -415,3 +415,37 @@ assert not a.sharding.is_fully_replicated, a.sharding
 print("OK", l1)
 """
     assert "OK" in run_python(code, devices=8).stdout
+
+
+def test_plain_lora_run_exports_to_peft_and_samples_from_base_plus_file(base_workdirs,
+                                                                        tmp_path):
+    from dydit_jax import config_lib, main
+    base = str(base_workdirs / "base0")
+
+    def config(mode="train"):
+        c = tiny(load_config("digits", "steps=4,size=8,batch=8"), 4)
+        c.train.init_from = base
+        c.peft.method = "lora"
+        c.mode = mode
+        return c
+
+    work = tmp_path / "lora"
+    main._run_mode(config(), str(work))
+    [own] = list((work / "samples").glob("step000004-*/samples.npz"))
+    out = main._run_mode(config("export"), str(work))
+    assert (tmp_path / "lora" / "adapters").is_dir() and out.endswith("step000004-official")
+    c = config("sample")
+    c.sample.update(checkpoint=base, adapters=out, output_dir=str(tmp_path / "from_file"))
+    config_lib.validate(c)
+    main._run_mode(c, str(tmp_path / "elsewhere"))
+    with np.load(own) as a, np.load(tmp_path / "from_file" / "samples.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    # What the PEFT format cannot carry is refused with the reason.
+    dyn = peft_config(base, method="lora")
+    dyn.mode = "export"
+    with pytest.raises(ValueError, match="routers"):
+        main._run_mode(dyn, str(work))
+    td = config("export")
+    td.peft.method = "tdlora"
+    with pytest.raises(config_lib.ConfigError, match="plain LoRA"):
+        config_lib.validate(td)

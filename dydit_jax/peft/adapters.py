@@ -239,11 +239,11 @@ def mixing_weights(router, t_emb, spec: LoraSpec):
 def kernel_delta(lora_a, lora_b, mix, scale: float):
     """(alpha/r) sum_k a_k A_k B_k: A [*lead, K, Din, r], B [*lead, K, r, Dout], a [*lead, K]
     (None: K = 1, weight 1) -> [*lead, Din, Dout]."""
-    if mix is None:
-        mix = jnp.ones(lora_a.shape[:-2], jnp.float32)
-    ab = jnp.einsum("...kir,...kro->...kio", lora_a.astype(jnp.float32),
-                    lora_b.astype(jnp.float32))
-    return scale * jnp.einsum("...k,...kio->...io", mix.astype(jnp.float32), ab)
+    lora_a = lora_a.astype(jnp.float32)
+    if mix is not None:
+        lora_a = lora_a * mix.astype(jnp.float32)[..., :, None, None]
+    # One contraction over (k, r) jointly: K*r columns, no [K, Din, Dout] intermediate.
+    return scale * jnp.einsum("...kir,...kro->...io", lora_a, lora_b.astype(jnp.float32))
 
 
 def merge_params(params, t_emb, spec: LoraSpec):
