@@ -449,3 +449,56 @@ def test_plain_lora_run_exports_to_peft_and_samples_from_base_plus_file(base_wor
     td.peft.method = "tdlora"
     with pytest.raises(config_lib.ConfigError, match="plain LoRA"):
         config_lib.validate(td)
+
+
+def test_peft_config_errors_name_the_key_and_the_fix(tmp_path):
+    from dydit_jax import config_lib
+
+    def error(**changes):
+        c = load_config("digits_dydit", "peft=tdlora")
+        for key, value in changes.items():
+            section, name = key.split("__")
+            c[section][name] = value
+        try:
+            config_lib.validate(c)
+            config_lib.check_sources(c, str(tmp_path / "w"))
+        except config_lib.ConfigError as e:
+            return str(e)
+        return None
+
+    assert error(peft__method="dora").startswith("config.peft.method='dora'")
+    assert "config.peft.mixing='max'" in error(peft__mixing="max")
+    assert "not a regex" in error(peft__targets="blocks(")
+    assert "frozen" in error(train__init_from="")
+    assert "set --config.peft.method=lora" in error(
+        sample__adapters=str(tmp_path), sample__checkpoint=str(tmp_path))
+    with pytest.raises(config_lib.ConfigError, match="valid: none, lora, tdlora"):
+        load_config("digits_dydit", "peft=qlora")
+    c = load_config("dit_xl", "lam=0.5,init=x,peft=tdlora")
+    assert c.peft.method == "tdlora" and c.train.lr == 1e-4 and c.dynamic.enabled
+    with pytest.raises(config_lib.ConfigError, match="init="):
+        load_config("dit_xl", "peft=lora")
+
+
+def test_flow_engine_with_tdlora_sit_equals_the_masked_sampler():
+    """The SiT family through the same adapters: FlowEngine (merging per model call) against
+    the masked flow sampler on the per-sample path."""
+    from dydit_jax.engine import FlowEngine
+    from dydit_jax.sampling import make_flow_sample_fn
+    from dydit_jax.transport import create_transport
+    from test_engine_flow import routed_sit
+    spec = SPECS["tdlora"]
+    model, variables = routed_sit()
+    base = variables["params"]
+    full = {"params": peft.combine(base, sharp_adapters(peft.init_adapters(base, spec,
+                                                                           jax.random.PRNGKey(2),
+                                                                           64)))}
+    transport = create_transport("Linear", "velocity")
+    kw = dict(sampler="ode", method="heun2", num_steps=6)
+    rows = make_flow_sample_fn(peft.PeftModel(model, spec), transport, **kw)
+    ref = np.asarray(rows(full, jax.random.PRNGKey(0), LABELS, 3.0))
+    plain = np.asarray(make_flow_sample_fn(model, transport, **kw)(
+        variables, jax.random.PRNGKey(0), LABELS, 3.0))
+    assert np.abs(ref - plain).max() > 1e-3, "the adapters change the samples (>> TOL)"
+    eng = FlowEngine(model, full, transport, grid=(0.5,), peft=spec, **kw)
+    np.testing.assert_allclose(eng.sample(jax.random.PRNGKey(0), LABELS, 3.0), ref, **TOL)

@@ -93,7 +93,8 @@ class FlowEngine(Engine):
     :param num_steps, atol, rtol, diffusion_form, diffusion_norm, last_step, last_step_size: as
         in `sampling.make_flow_sample_fn`.
     :param grid, token_capacities, use_cfg, guide_channels, latent_shape, mesh, batch_axes,
-        plan_dir, compilation_cache_dir: as in :class:`Engine`.
+        plan_dir, compilation_cache_dir, peft: as in :class:`Engine` (adapters merged once per
+        model call, at its t).
     :param plan: a `WidthPlan` of the solver's times (checked); default: built (and cached in
         `plan_dir`) from :func:`solver_times`.
     """
