@@ -168,6 +168,9 @@ def _step_and_inputs(config, abstract: bool, rng_seed: int = 0):
         else:
             base = jax.jit(lambda r: model.init(r, *train.dummy_inputs(model))["params"])(rng)
         trainable_base, frozen = split_trainable(base, spec)
+        # As train.py holds it: in config.peft.base_dtype ("compute": bfloat16 here).
+        cast = lambda f: train.cast_frozen(f, config)  # noqa: E731
+        frozen = jax.eval_shape(cast, frozen) if abstract else cast(frozen)
         init_fn = train.peft_state_fn(model, spec, tx, base)
         state = (jax.eval_shape(init_fn, rng, trainable_base) if abstract
                  else jax.jit(init_fn)(rng, trainable_base))

@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
         block_pattern=r"^[^/]*blocks(_\d+)?",
         time_module="t_embedder",
         trainable=r"(head_router|group_router|token_router)/",   # base leaves that train
+        # how the train step holds the frozen base: compute (model.dtype: a bfloat16 model
+        # computes the same from a bfloat16 copy, at half the bytes) | float32 | bfloat16
+        base_dtype="compute",
         # mode=export: the workdir's latest plain-LoRA adapters as a PEFT folder (official or
         # diffusers module names), in export_dir (empty: <workdir>/adapters/<step>-<naming>).
         export_naming="official",
@@ -567,6 +570,7 @@ def _check_peft(config) -> None:
     pc = config.peft
     _check_choice(config, "peft.method", ("none", "lora", "tdlora"))
     _check_choice(config, "peft.export_naming", ("official", "diffusers"))
+    _check_choice(config, "peft.base_dtype", ("compute", "float32", "bfloat16"))
     if config.sample.adapters and pc.method != "lora":
         _fail("peft.method", pc.method, "sample.adapters holds a plain LoRA: set "
               "--config.peft.method=lora")

@@ -274,6 +274,22 @@ def restore_peft(config, model, spec, tx, checkpointer, mesh=None):
     return base, state, data_state, step, record
 
 
+def cast_frozen(frozen, config):
+    """The frozen base in `config.peft.base_dtype` ("compute": the model's compute dtype).
+
+    The Dense, conv and embedding layers cast their parameters to the compute dtype before
+    use (Flax's `promote_dtype`), so a bfloat16-compute model computes the same with a
+    bfloat16-stored base and the step holds half the bytes for it. (Merged sampling adds
+    delta W(t) to the stored kernel, so a bfloat16 base rounds W once more there.)
+    """
+    name = config.peft.base_dtype
+    if name == "compute":
+        name = config.model.dtype
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, frozen)
+
+
 def setup_peft_state(config, model, spec, tx, mesh, checkpointer):
     """`setup_state` for a PEFT run: (state, data_state or None, state_shardings, PeftSetup).
 
@@ -284,6 +300,7 @@ def setup_peft_state(config, model, spec, tx, mesh, checkpointer):
     base, state, data_state, step, record = restore_peft(config, model, spec, tx,
                                                          checkpointer, mesh)
     trainable_base, frozen = split_trainable(base, spec)
+    frozen = cast_frozen(frozen, config)
     frozen_sh = sharding_lib.tree_shardings(frozen, mesh, config.mesh.rules)
     frozen = jax.device_put(frozen, frozen_sh)
     init_fn = peft_state_fn(model, spec, tx, base)

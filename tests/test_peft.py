@@ -502,3 +502,27 @@ def test_flow_engine_with_tdlora_sit_equals_the_masked_sampler():
     assert np.abs(ref - plain).max() > 1e-3, "the adapters change the samples (>> TOL)"
     eng = FlowEngine(model, full, transport, grid=(0.5,), peft=spec, **kw)
     np.testing.assert_allclose(eng.sample(jax.random.PRNGKey(0), LABELS, 3.0), ref, **TOL)
+
+
+def test_bfloat16_base_copy_computes_the_same_step_for_a_bfloat16_model():
+    import ml_collections
+    from dydit_jax import train
+    spec = SPECS["tdlora"]
+    model = DiT(**TINY, dtype=jnp.bfloat16)
+    base = randomized(model.init(jax.random.PRNGKey(0), *inputs())["params"], 0.1, 0)
+    trainable_base, frozen = split_trainable(base, spec)
+    tx = optax.adam(1e-2)
+    state = train.peft_state_fn(model, spec, tx, base)(jax.random.PRNGKey(0), trainable_base)
+    state = dict(state, params=sharp_adapters(state["params"]))
+    loss_fn = train.diffusion_loss_fn(peft.PeftModel(model, spec), create_diffusion(""))
+    step = jax.jit(train.make_train_step(loss_fn, tx, 0.9))
+    batch = {"image": jax.random.normal(jax.random.PRNGKey(4), (4, 8, 8, 4)),
+             "label": jnp.array([0, 1, 2, 3])}
+    config = ml_collections.ConfigDict(dict(peft=dict(base_dtype="compute"),
+                                            model=dict(dtype="bfloat16")))
+    half = train.cast_frozen(frozen, config)
+    assert half["blocks_0"]["attn"]["qkv"]["kernel"].dtype == jnp.bfloat16
+    s32, m32 = step(state, batch, frozen)
+    s16, m16 = step(state, batch, half)
+    np.testing.assert_array_equal(m16["loss"], m32["loss"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, s16["params"], s32["params"])

@@ -229,7 +229,8 @@ def has_adapters(params) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 def mixing_weights(router, t_emb, spec: LoraSpec):
-    """a(t): router [*lead, D_t, K] and t_emb [..., D_t] -> [*lead, ..., K] (float32)."""
+    """a(t): router [*lead, D_t, K] and t_emb [B, D_t] -> [*lead, B, K], or t_emb [D_t] ->
+    [*lead, K] (float32)."""
     logits = jnp.einsum("...dk,bd->...bk", router.astype(jnp.float32),
                         jnp.atleast_2d(t_emb).astype(jnp.float32)) / spec.tau
     a = jax.nn.softmax(logits, -1) if spec.mixing == "softmax" else jax.nn.sigmoid(logits)
@@ -379,6 +380,8 @@ class PeftModel:
         return PeftModel(self.module, self.spec, mode)
 
     def __getattr__(self, name):
+        if name == "module":   # not set yet (copy / unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.module, name)
 
     def apply(self, variables, *args, **kwargs):
