@@ -67,7 +67,10 @@ def _imagenet_config(name: str, batch: int, method: str, remat: str = "config"):
     from dydit_jax import config_lib
     config = config_lib.imagenet_config(
         name, f"lam=0.5,data=synthetic,batch={batch},init={DUMMY_INIT}")
+    method, _, base = method.partition("-")
     config.peft.method = "none" if method == "full" else method
+    if base == "bf16base":   # the frozen base held in bfloat16 (config.peft.base_dtype)
+        config.peft.base_dtype = "bfloat16"
     if remat == "off":
         config.model.remat = False
     return config
@@ -397,7 +400,7 @@ def main(argv=None):
         for remat in [x.strip() for x in args.remat.split(",") if x.strip()]:
             if remat not in ("config", "off"):
                 p.error(f"--remat {remat!r}: valid are 'config' and 'off'")
-            for method in METHODS:
+            for method in METHODS + ("tdlora-bf16base",):
                 mem.append(memory_row(name, method, args.batch, remat))
     if mem:
         result["memory"] = mem

@@ -72,9 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
         block_pattern=r"^[^/]*blocks(_\d+)?",
         time_module="t_embedder",
         trainable=r"(head_router|group_router|token_router)/",   # base leaves that train
-        # how the train step holds the frozen base: compute (model.dtype: a bfloat16 model
-        # computes the same from a bfloat16 copy, at half the bytes) | float32 | bfloat16
-        base_dtype="compute",
+        # how the train step holds the frozen base: float32 | bfloat16 | compute (model.dtype).
+        # A bfloat16 model computes the same from a bfloat16 copy (tested); on XLA:CPU the step
+        # then needs more memory, not less (BENCHMARKS.md "PEFT"), so float32 by default.
+        base_dtype="float32",
         # mode=export: the workdir's latest plain-LoRA adapters as a PEFT folder (official or
         # diffusers module names), in export_dir (empty: <workdir>/adapters/<step>-<naming>).
         export_naming="official",

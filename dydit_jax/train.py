@@ -279,8 +279,10 @@ def cast_frozen(frozen, config):
 
     The Dense, conv and embedding layers cast their parameters to the compute dtype before
     use (Flax's `promote_dtype`), so a bfloat16-compute model computes the same with a
-    bfloat16-stored base and the step holds half the bytes for it. (Merged sampling adds
-    delta W(t) to the stored kernel, so a bfloat16 base rounds W once more there.)
+    bfloat16-stored base and the step's arguments hold half the bytes for it; XLA:CPU then
+    assigns more temporary memory than it saves (BENCHMARKS.md "PEFT"), so the default is
+    float32. (Merged sampling adds delta W(t) to the stored kernel: a bfloat16 base rounds W
+    once more there.)
     """
     name = config.peft.base_dtype
     if name == "compute":
