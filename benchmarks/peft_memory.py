@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -416,12 +415,8 @@ def main(argv=None):
     env.update(loadavg_1_5_15_start=load_start, loadavg_1_5_15_end=os.getloadavg())
     print(f"\ntotal wall time {total_s:.0f} s")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        command = " ".join(["python", os.path.relpath(os.path.abspath(__file__), os.getcwd())]
-                           + (sys.argv[1:] if argv is None else list(argv)))
-        with open(args.out, "w") as f:
-            json.dump(dict(command=command, total_wall_s=total_s, environment=env, **result),
-                      f, indent=2)
+        from results_io import write_json
+        write_json(args.out, __file__, argv, total_wall_s=total_s, environment=env, **result)
         print(f"wrote {args.out}")
     return result
 

@@ -308,12 +308,9 @@ def main(argv=None):
     print(format_table(rows))
     print(f"\ntotal wall time {total_s:.0f} s")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        command = " ".join(["python", os.path.relpath(os.path.abspath(__file__), os.getcwd())]
-                           + (sys.argv[1:] if argv is None else list(argv)))
-        with open(args.out, "w") as f:
-            json.dump(dict(command=command, total_wall_s=total_s,
-                           environment=environments, results=rows), f, indent=2)
+        from results_io import write_json
+        write_json(args.out, __file__, argv, total_wall_s=total_s, environment=environments,
+                   results=rows)
         print(f"wrote {args.out}")
     return rows
 

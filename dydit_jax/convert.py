@@ -668,12 +668,7 @@ def to_diffusers(params, model: DiT, out_dir, overwrite: bool = False) -> str:
     The folder is written beside out_dir and renamed into place (a failed export leaves
     nothing); an existing non-empty out_dir is replaced only with `overwrite`.
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"{out_dir} is a file; give a directory to write the model into")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True "
-                              f"(--overwrite) to replace it")
+    out_dir = check_out_dir(out_dir, overwrite, "the model", " (--overwrite)")
     config = diffusers_config(model)
     params = params["params"] if "params" in params else params
     flat = traverse_util.flatten_dict(to_layout(params, scan_layers=False))
@@ -687,6 +682,27 @@ def to_diffusers(params, model: DiT, out_dir, overwrite: bool = False) -> str:
     _check_static_params(state, model)
     tensors = official_to_diffusers(state, model.depth)
 
+    return write_folder(out_dir, {"config.json": config}, _DIFFUSERS_WEIGHTS[0], tensors)
+
+
+def check_out_dir(out_dir, overwrite: bool, what: str, flag: str = "") -> str:
+    """The absolute `out_dir` to write `what` into; refuses a file, and a non-empty folder
+    unless `overwrite` (nothing is replaced silently)."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} is a file; give a directory to write {what} into")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True{flag} "
+                              f"to replace it")
+    return out_dir
+
+
+def write_folder(out_dir: str, json_files: dict, weights_name: str, tensors: dict) -> str:
+    """Writes `json_files` ({file name: object}) and the numpy `tensors` as the safetensors
+    file `weights_name` into `out_dir`, atomically: everything goes into a temporary sibling
+    folder that replaces `out_dir` by rename once complete (an old `out_dir` is moved aside
+    first and restored if anything fails), so a crash leaves either the old folder or the
+    whole new one. Returns out_dir."""
     from safetensors.numpy import save_file
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -695,9 +711,10 @@ def to_diffusers(params, model: DiT, out_dir, overwrite: bool = False) -> str:
     os.mkdir(tmp)
     old = None
     try:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, os.path.join(tmp, _DIFFUSERS_WEIGHTS[0]), metadata={"format": "pt"})
+        for name, obj in json_files.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, os.path.join(tmp, weights_name), metadata={"format": "pt"})
         if os.path.exists(out_dir):
             old = tmp + "-old"
             os.rename(out_dir, old)

@@ -47,8 +47,6 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -153,12 +151,7 @@ def export_peft(adapters, model, out_dir, spec: LoraSpec, naming: str = "officia
     if naming not in NAMINGS:
         raise ValueError(f"naming={naming!r}; valid: {NAMINGS}")
     prefix = _DEFAULT_PREFIX[naming] if prefix is None else prefix
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"{out_dir} is a file; give a directory to write the adapter into")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to "
-                              f"replace it")
+    out_dir = convert.check_out_dir(out_dir, overwrite, "the adapter")
     _, adapters = split_adapters(adapters["params"] if "params" in adapters else adapters)
     flat = _unscanned(adapters)
     routers = sorted("/".join(p) for p in flat if p[-1] == "lora_router")
@@ -218,28 +211,7 @@ def export_peft(adapters, model, out_dir, spec: LoraSpec, naming: str = "officia
             f"{model.patch_size}; written by dydit_jax.peft.formats)"),
     }
 
-    from safetensors.numpy import save_file
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:12]}")
-    os.mkdir(tmp)
-    old = None
-    try:
-        with open(os.path.join(tmp, CONFIG), "w") as f:
-            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
-        if os.path.exists(out_dir):
-            old = tmp + "-old"
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        if old and not os.path.exists(out_dir):
-            os.rename(old, out_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old:
-        shutil.rmtree(old)
-    return out_dir
+    return convert.write_folder(out_dir, {CONFIG: config}, WEIGHTS, tensors)
 
 
 # ----------------------------------------------------------------------------------------------
