@@ -66,7 +66,7 @@ _MODULE_RENAMES = (
 ROUTER_PATTERN = r"/(head_router|group_router|token_router)/"
 
 # Keys of official checkpoints that hold no parameter of ours: they are checked, not loaded.
-_FIXED_BUFFERS = ("pos_embed",)
+_FIXED_BUFFERS = ("pos_embed", "temp_embed")
 
 
 class CheckpointMismatchError(ValueError):
@@ -130,13 +130,18 @@ def _torch_shape(shape: Tuple[int, ...], layout: str) -> Tuple[int, ...]:
 def load_state_dict(source: Any, which: str = "ema") -> Dict[str, np.ndarray]:
     """A flat name -> float numpy mapping from a path or an in-memory state_dict.
 
-    `which` picks "ema" (default) or "model" from a training checkpoint.
+    `which` picks "ema" (default) or "model" from a training checkpoint. A wrapper with only
+    "model" (Latte's released checkpoints) is read for "ema" too, with a warning, as the
+    releases' `find_model` reads it (EMA if present, else the model).
     """
     if isinstance(source, (str, os.PathLike)):
         source = _read_file(os.fspath(source))
     if not isinstance(source, Mapping):
         raise TypeError(f"expected a path or a mapping of name -> tensor, got {type(source)}")
     if "model" in source and isinstance(source["model"], Mapping):
+        if which == "ema" and "ema" not in source:
+            logging.warning("the checkpoint has no EMA weights: reading its 'model' entry")
+            which = "model"
         if which not in source:
             raise KeyError(f"training checkpoint has no {which!r} entry; it has "
                            f"{sorted(k for k in source if isinstance(source[k], Mapping))}. "
@@ -223,12 +228,8 @@ def load_report(source: Any, model: DiT, which: str = "ema",
 
 
 def _abstract_params(model: DiT):
-    h, w = model.grid_size
-    p = model.patch_size
-    x = jax.ShapeDtypeStruct((1, h * p, w * p, model.in_channels), model.param_dtype)
-    t = jax.ShapeDtypeStruct((1,), jnp.float32)
-    y = jax.ShapeDtypeStruct((1,), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, y)["params"]
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             *_dummy_inputs(model))["params"])
 
 
 def _match(state: Dict[str, np.ndarray], model: DiT, allow_missing: Optional[str]):
@@ -248,7 +249,7 @@ def _match(state: Dict[str, np.ndarray], model: DiT, allow_missing: Optional[str
     unexpected, mismatched = [], []
     seen_misshaped = set()
     for key, value in state.items():
-        if key in _FIXED_BUFFERS:
+        if key in _FIXED_BUFFERS and hasattr(model, key):   # e.g. no temp_embed in a DiT
             _check_fixed_buffer(key, value, model, mismatched)
             continue
         path, layout = torch_key_to_flax(key)
@@ -297,12 +298,15 @@ def _match(state: Dict[str, np.ndarray], model: DiT, allow_missing: Optional[str
 
 
 def _check_fixed_buffer(key, value, model, mismatched):
-    want = model.pos_embed()
+    """A fixed sin-cos table of the checkpoint (pos_embed; Latte's temp_embed) against the
+    model's own: not loaded, but a table for other sizes means another model."""
+    want = getattr(model, key)()
     if tuple(value.shape) != tuple(want.shape):
         mismatched.append((key, tuple(want.shape), tuple(value.shape)))
     elif not np.allclose(value, np.asarray(want, np.float64), atol=1e-2):  # bf16 files too
-        raise ValueError("checkpoint pos_embed differs from the fixed 2-D sin-cos table of the "
-                         "model: it was made for another input/patch size or hidden size")
+        what = "frame count" if key == "temp_embed" else "input/patch size"
+        raise ValueError(f"checkpoint {key} differs from the model's fixed sin-cos table: it "
+                         f"was made for another {what} or hidden size")
 
 
 def _flax_to_torch_name(path: Tuple[str, ...]) -> str:
@@ -326,10 +330,7 @@ def _flax_to_torch_name(path: Tuple[str, ...]) -> str:
 
 
 def _dummy_inputs(model: DiT):
-    h, w = model.grid_size
-    p = model.patch_size
-    return (jnp.zeros((1, h * p, w * p, model.in_channels), model.param_dtype),
-            jnp.zeros((1,), jnp.float32), jnp.zeros((1,), jnp.int32))
+    return model.dummy_inputs(1, model.param_dtype)
 
 
 def _lookup_unscanned(flat, path, scanned):

@@ -87,10 +87,7 @@ def build_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformati
 
 
 def dummy_inputs(model: DiT, batch: int = 1):
-    h, w = model.grid_size
-    p = model.patch_size
-    return (jnp.zeros((batch, h * p, w * p, model.in_channels), jnp.float32),
-            jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32))
+    return model.dummy_inputs(batch)
 
 
 def init_state(model: DiT, tx, rng) -> State:

@@ -1,4 +1,4 @@
-"""Models: DiT (and its dynamic DyDiT mode)."""
+"""Models: DiT (and its dynamic DyDiT mode), Latte (video)."""
 from dydit_jax.models.dit import (  # noqa: F401
     DiT,
     DiT_B_2, DiT_B_4, DiT_B_8,
@@ -7,4 +7,12 @@ from dydit_jax.models.dit import (  # noqa: F401
     DiT_XL_2, DiT_XL_4, DiT_XL_8,
     DiT_models,
     dit_config,
+)
+from dydit_jax.models.latte import (  # noqa: F401
+    Latte,
+    Latte_B_2, Latte_B_4, Latte_B_8,
+    Latte_L_2, Latte_L_4, Latte_L_8,
+    Latte_S_2, Latte_S_4, Latte_S_8,
+    Latte_XL_2, Latte_XL_4, Latte_XL_8,
+    Latte_models,
 )

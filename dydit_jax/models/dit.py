@@ -679,6 +679,12 @@ class DiT(nn.Module):
         out = jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
         return (out, aux) if self.dynamic else out
 
+    def dummy_inputs(self, batch: int = 1, dtype=jnp.float32):
+        """Zero (x, t, y) of the model's shapes, for init and shape inference."""
+        h, w = _pair(self.input_size)
+        return (jnp.zeros((batch, h, w, self.in_channels), dtype),
+                jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32))
+
     def _check_inputs(self, x, t, y):
         h, w = _pair(self.input_size)
         expected = (h, w, self.in_channels)
