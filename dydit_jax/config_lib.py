@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
         # official (facebookresearch/DiT) | diffusers (DiTTransformer2DModel: other timestep
         # frequencies, pre-MLP LayerNorm eps 1e-5; the same weights): dit.NUMERICS
         numerics="official",
+        family="",               # "" : from the name's prefix (custom: dit, or sit with
+                                 # transport); dit | sit | latte (dydit_jax/families.py)
+        num_frames=16,           # latte: frames per clip
+        extras=2,                # latte: 2 class-conditional, 1 unconditional
     ))
 
     # DyDiT (DESIGN.md 1): routers in the model and the FLOPs-constrained objective.
@@ -136,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
         prefetch=2,              # batches prepared ahead
         path=opt_str(),          # latents: directory of .npz shards
         latent_flip=False,
+        num_frames=8,            # moving_digits: frames per clip
+        digit_scale=1,           # moving_digits: 1 = the 8x8 digit, 2 = 16x16
+        max_speed=1.5,           # moving_digits: pixels per frame per axis
     ))
 
     c.train = ml_collections.ConfigDict(dict(
@@ -549,16 +556,34 @@ def _check_model(config) -> None:
                   f"config.model.num_heads={mc.num_heads}")
         patch = mc.patch_size
     else:
-        prefix = "SiT" if mc.name.startswith("SiT") else "DiT"
+        from dydit_jax import families
         sizes = f"{{{','.join(dit.SIZES)}}}/{{2,4,8}}"
+        names = ", ".join(f"{f.prefix}-{sizes}" for f in families.FAMILIES.values())
         try:
-            patch = dit.named_config(mc.name, prefix)["patch_size"]
+            family = families.family_of(config)
+            patch = family.sizes(mc.name)["patch_size"]
         except ValueError:
-            _fail("model.name", mc.name, f"valid: DiT-{sizes}, SiT-{sizes}, or 'custom' with "
+            _fail("model.name", mc.name, f"valid: {names}, or 'custom' with "
                   f"config.model.hidden_size/depth/num_heads/patch_size")
-        if prefix == "SiT" and not config.transport.enabled:
+        if family.flow and not config.transport.enabled:
             _fail("model.name", mc.name, "a SiT is a flow-matching model: set "
                   "config.transport.enabled=True")
+    from dydit_jax import families
+    try:
+        family = families.family_of(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if config.dynamic.enabled and not family.dynamic:
+        _fail("dynamic.enabled", True, f"the {family.name} family has no dynamic mode yet")
+    if family.video:
+        _check_positive(config, "model.num_frames")
+        _check_choice(config, "model.extras", (1, 2))
+        if config.data.name == "moving_digits" and config.data.num_frames != mc.num_frames:
+            _fail("data.num_frames", config.data.num_frames, f"the clips must have the "
+                  f"model's config.model.num_frames={mc.num_frames} frames")
+        if mc.name == "custom" and mc.depth % 2:
+            _fail("model.depth", mc.depth, "Latte's blocks come in (spatial, temporal) pairs: "
+                  "the depth must be even")
     _check_positive(config, "model.input_size", "model.in_channels", "model.num_classes")
     if mc.input_size % patch:
         _fail("model.input_size", mc.input_size, f"must be divisible by the patch size {patch}")

@@ -739,7 +739,7 @@ def main(argv=None):
                         help=".pt/.pth/.bin, .safetensors or .npz file; a diffusers folder (a DiT "
                              "pipeline or its transformer/); or an orbax params directory")
     parser.add_argument("--model", default=None,
-                        help="DiT-{S,B,L,XL}/{2,4,8} or SiT-{S,B,L,XL}/{2,4,8}, sized by the "
+                        help="DiT-, SiT- or Latte-{S,B,L,XL}/{2,4,8}, sized by the "
                              "flags below, or a diffusers folder whose config.json describes "
                              "the model (the flags are then unused). Default: the "
                              "--checkpoint's own config.json for a diffusers folder, else "
@@ -750,6 +750,10 @@ def main(argv=None):
     parser.add_argument("--in-channels", type=int, default=4)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--no-learn-sigma", action="store_true")
+    parser.add_argument("--num-frames", type=int, default=16, help="Latte: frames per clip")
+    parser.add_argument("--unconditional", action="store_true",
+                        help="Latte: an unconditional model (the release's extras=1; its "
+                             "checkpoints have no label table)")
     parser.add_argument("--dynamic", action="store_true",
                         help="a DyDiT checkpoint: the model gets head, MLP-group and token "
                              "routers (fresh ones where the checkpoint has none)")
@@ -770,14 +774,20 @@ def main(argv=None):
     if spec is not None and is_diffusers_dir(spec):
         model = dit_from_diffusers_config(spec, dynamic=args.dynamic)
     else:
-        from dydit_jax.models.dit import dit_config
-        from dydit_jax.models.sit import SiT, sit_config
+        from dydit_jax import families
         name = spec or "DiT-XL/2"
-        cls, sizes = ((SiT, sit_config(name)) if name.startswith("SiT")
-                      else (DiT, dit_config(name)))
-        model = cls(input_size=args.image_size // args.latent_downsample,
-                    in_channels=args.in_channels, num_classes=args.num_classes,
-                    learn_sigma=not args.no_learn_sigma, dynamic=args.dynamic, **sizes)
+        family = next((f for f in families.FAMILIES.values()
+                       if name.startswith((f.prefix + "-", f.prefix + "_"))), None)
+        if family is None:
+            parser.error(f"--model {name!r}: valid are "
+                         f"{', '.join(f.prefix + '-{S,B,L,XL}/{2,4,8}' for f in families.FAMILIES.values())}"
+                         f" or a diffusers folder")
+        extra = (dict(num_frames=args.num_frames, extras=1 if args.unconditional else 2)
+                 if family.video else {})
+        model = family.model_class()(
+            input_size=args.image_size // args.latent_downsample, in_channels=args.in_channels,
+            num_classes=args.num_classes, learn_sigma=not args.no_learn_sigma,
+            dynamic=args.dynamic, **family.sizes(name), **extra)
     variables = from_pytorch(args.checkpoint, model, which=args.which)
     written = []
     if args.out:

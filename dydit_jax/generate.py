@@ -309,7 +309,7 @@ def output_name(config, weights: SamplingWeights) -> str:
     return "-".join(parts)
 
 
-SAMPLE_FILES = ("grid.png", "samples.npz", "latents.npz")
+SAMPLE_FILES = ("grid.png", "samples.npz", "samples.gif", "latents.npz")
 SETTINGS_FILE = "settings.json"
 # Keys of config.sample that do not change the samples.
 _OUTPUT_KEYS = ("output_dir", "overwrite")
@@ -469,7 +469,9 @@ def _write_samples(out_dir: str, latents, images, labels, per_class: int,
         json.dump(settings, f, indent=1)
     if latents is not None:
         np.savez(os.path.join(tmp, "latents.npz"), latents=latents, labels=labels)
-    if images is not None:
+    if images is not None and images.ndim == 5:   # video clips [N, F, H, W, C]
+        sampling.save_video_files(images, tmp, labels=labels, nrow=per_class)
+    elif images is not None:
         sampling.save_grid_png(images, os.path.join(tmp, "grid.png"), nrow=per_class)
         sampling.save_npz(images, os.path.join(tmp, "samples.npz"), labels=labels)
     if os.path.isdir(out_dir):   # overwrite=True, or a user-chosen output_dir

@@ -58,7 +58,7 @@ def model_latent_shape(model, latent_shape: Optional[Sequence[int]] = None) -> T
     """The per-sample shape a sampler draws: `latent_shape` if given, else the model's
     (H, W, in_channels)."""
     if latent_shape is None:
-        latent_shape = _pair(model.input_size) + (int(model.in_channels),)
+        latent_shape = tuple(model.dummy_inputs(1)[0].shape[1:])   # video: (F, H, W, C)
     return tuple(int(s) for s in latent_shape)
 
 
@@ -437,6 +437,31 @@ def save_grid_png(images_uint8, path: Union[str, os.PathLike], nrow: int = 8,
         os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
     return path
+
+
+def save_video_files(videos_uint8, out_dir: Union[str, os.PathLike], labels=None,
+                     nrow: int = 8, fps: int = 4) -> Tuple[str, ...]:
+    """Clips uint8 [N, F, H, W, C] as `grid.png` (a strip grid: one row per clip, its F
+    frames left to right), `samples.gif` (an animated grid of all clips, `nrow` per row,
+    looping at `fps`) and `samples.npz` (`arr_0` [N, F, H, W, C] uint8, `arr_1` labels).
+    Returns the file names."""
+    from PIL import Image
+    videos = np.asarray(videos_uint8)
+    if videos.ndim != 5 or videos.dtype != np.uint8:
+        raise ValueError(f"expected uint8 clips [N, F, H, W, C], got {videos.dtype} "
+                         f"{videos.shape}")
+    n, f = videos.shape[:2]
+    out_dir = os.fspath(out_dir)
+    save_grid_png(videos.reshape((n * f,) + videos.shape[2:]), os.path.join(out_dir, "grid.png"),
+                  nrow=f)
+    frames = [Image.fromarray(make_grid(videos[:, j], nrow=nrow)) for j in range(f)]
+    frames[0].save(os.path.join(out_dir, "samples.gif"), save_all=True,
+                   append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    arrays = {"arr_0": videos}
+    if labels is not None:
+        arrays["arr_1"] = np.asarray(labels).astype(np.int64)
+    np.savez(os.path.join(out_dir, "samples.npz"), **arrays)
+    return ("grid.png", "samples.gif", "samples.npz")
 
 
 def save_npz(images_uint8, path: Union[str, os.PathLike], labels=None) -> str:

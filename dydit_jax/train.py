@@ -33,35 +33,33 @@ from dydit_jax import sharding as sharding_lib
 from dydit_jax.checkpointing import TrainCheckpointer, load_params
 from dydit_jax.diffusion import create_diffusion
 from dydit_jax.metrics import MetricWriter
-from dydit_jax.models.dit import DiT, dit_config
-from dydit_jax.models.sit import SiT, sit_config
+from dydit_jax.models.dit import DiT
+from dydit_jax.models.sit import SiT
 
 State = Dict[str, Any]
 
 
 def build_model(config: ml_collections.ConfigDict) -> DiT:
-    """The DiT of `config.model` (named size or "custom"), dynamic if `config.dynamic.enabled`;
-    a SiT (same parameters, flow-matching output) when `config.transport.enabled`."""
+    """The model of `config.model` in its family (`families.family_of`: DiT, SiT, Latte; named
+    size or "custom"), dynamic if `config.dynamic.enabled`."""
+    from dydit_jax import families
     mc = config.model
-    flow = config.transport.enabled
-    if mc.name.startswith("SiT") and not flow:
+    family = families.family_of(config)
+    if family.flow and not config.transport.enabled:
         raise ValueError(f"config.model.name={mc.name!r} is a flow-matching model: set "
                          f"config.transport.enabled=True")
-    if mc.name == "custom":
-        sizes = dict(hidden_size=mc.hidden_size, depth=mc.depth, num_heads=mc.num_heads,
-                     patch_size=mc.patch_size)
-    else:
-        sizes = (sit_config if mc.name.startswith("SiT") else dit_config)(mc.name)
+    cls, kwargs = families.model_kwargs(config)
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if mc.dtype not in dtypes:
         raise ValueError(f"config.model.dtype={mc.dtype!r}; valid: {sorted(dtypes)}")
-    cls = SiT if flow else DiT
+    if config.transport.enabled and not family.flow:
+        cls = SiT   # a DiT trained with flow matching is a SiT (same parameters)
     return cls(input_size=mc.input_size, in_channels=mc.in_channels,
                num_classes=mc.num_classes, learn_sigma=mc.learn_sigma,
                class_dropout_prob=mc.class_dropout_prob, mlp_ratio=mc.mlp_ratio,
                scan_layers=mc.scan_layers, remat=mc.remat, remat_policy=mc.remat_policy,
                dtype=dtypes[mc.dtype], numerics=mc.numerics,
-               dynamic=config.dynamic.enabled, dynamic_tokens=config.dynamic.tokens, **sizes)
+               dynamic=config.dynamic.enabled, dynamic_tokens=config.dynamic.tokens, **kwargs)
 
 
 def build_diffusion(config, timestep_respacing=""):

@@ -10,6 +10,7 @@ Usage::
     source.set_state(state)    # the following batches equal an uninterrupted run's
 
 ``config.data.name`` picks the source: "digits" (sklearn 8x8 digits upsampled),
+"moving_digits" (videos of those digits bouncing on a canvas, [b, F, H, W, C]),
 "imagenet" (tfds random access + DiT center crop), "latents" (pre-extracted VAE
 latents in ``.npz`` shards, see :func:`write_latent_shards`) or "synthetic"
 (random data for benchmarks). Common keys: ``image_size``, ``seed``, ``shuffle``.
@@ -24,7 +25,7 @@ from dydit_jax.data.base import DataSource, EpochSampler
 from dydit_jax.data.latents import LatentShards, write_latent_shards
 from dydit_jax.data.transforms import center_crop_arr
 
-SOURCES = ("digits", "imagenet", "latents", "synthetic")
+SOURCES = ("digits", "moving_digits", "imagenet", "latents", "synthetic")
 
 
 def create_source(
@@ -45,6 +46,10 @@ def create_source(
         from dydit_jax.data.digits import DigitsSource
 
         return DigitsSource(config, **kwargs)
+    if name == "moving_digits":
+        from dydit_jax.data.moving_digits import MovingDigitsSource
+
+        return MovingDigitsSource(config, **kwargs)
     if name == "imagenet":
         from dydit_jax.data.imagenet import ImageNetSource
 
