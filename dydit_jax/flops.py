@@ -78,7 +78,8 @@ ROUTER_PARTS = ("width_routers", "token_router")
 
 # Constructor defaults of `dydit_jax.models.dit.DiT` for the fields the count depends on.
 _DEFAULTS = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
-                 num_heads=16, mlp_ratio=4.0, learn_sigma=True, frequency_embedding_size=256)
+                 num_heads=16, mlp_ratio=4.0, learn_sigma=True, frequency_embedding_size=256,
+                 num_frames=0)   # num_frames > 0: a Latte (video) clip of that many frames
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,6 +111,7 @@ def _resolve(model_or_config: Any) -> Dict[str, Any]:
         out_channels=2 * c if cfg["learn_sigma"] else c, hidden_size=d,
         depth=int(cfg["depth"]), num_heads=heads,
         mlp_hidden=int(d * cfg["mlp_ratio"]), freq_dim=int(cfg["frequency_embedding_size"]),
+        frames=int(cfg["num_frames"] or 0),
     )
 
 
@@ -126,6 +128,8 @@ def static_macs(model_or_config: Any) -> Dict[str, int]:
     a doubled batch). Blocks are summed over depth. Keys: `PARTS` and "total".
     """
     k = _resolve(model_or_config)
+    if k["frames"]:
+        return _latte_static_macs(k)
     n, d, depth = k["num_tokens"], k["hidden_size"], k["depth"]
     p, hid = k["patch_size"], k["mlp_hidden"]
     out = {
@@ -141,6 +145,34 @@ def static_macs(model_or_config: Any) -> Dict[str, int]:
         "mlp_fc2": depth * n * hid * d,
         "final_adaLN": d * 2 * d,
         "final_linear": n * d * (p * p * k["out_channels"]),
+    }
+    out["total"] = sum(out[name] for name in PARTS)
+    return out
+
+
+def _latte_static_macs(k) -> Dict[str, int]:
+    """`static_macs` of one Latte clip (F frames of N tokens; the release's computation):
+    blocks alternate spatial (attention over N tokens per frame: F * N^2 * D per product) and
+    temporal (over F frames per position: N * F^2 * D); token-wise matmuls run on all F * N
+    tokens; adaLN runs on the repeated conditioning, F rows in a spatial block and the final
+    layer, N rows in a temporal one; the timestep MLP once per clip."""
+    n, f, d, depth = k["num_tokens"], k["frames"], k["hidden_size"], k["depth"]
+    p, hid = k["patch_size"], k["mlp_hidden"]
+    pairs = depth // 2
+    tokens = f * n
+    out = {
+        "patch_embed": tokens * (p * p * k["in_channels"]) * d,
+        "t_embedder": k["freq_dim"] * d + d * d,
+        "y_embedder": 0,
+        "adaLN": pairs * (f + n) * d * 6 * d,
+        "attn_qkv": depth * tokens * d * 3 * d,
+        "attn_qk": pairs * (f * n * n + n * f * f) * d,
+        "attn_av": pairs * (f * n * n + n * f * f) * d,
+        "attn_proj": depth * tokens * d * d,
+        "mlp_fc1": depth * tokens * d * hid,
+        "mlp_fc2": depth * tokens * hid * d,
+        "final_adaLN": f * d * 2 * d,
+        "final_linear": tokens * d * (p * p * k["out_channels"]),
     }
     out["total"] = sum(out[name] for name in PARTS)
     return out

@@ -168,3 +168,17 @@ def test_presets_and_input_checks():
         model.apply(variables, jnp.zeros((1, 4, 8, 8, 4)), jnp.zeros(1))
     with pytest.raises(ValueError, match="even"):
         Latte(**{**LATTE, "depth": 3}).init(jax.random.PRNGKey(0), *model.dummy_inputs())
+
+
+def test_static_macs_of_a_clip_equal_the_forward_pass_count():
+    """The Latte FLOPs counter (spatial attention F N^2 D, temporal N F^2 D per product)
+    against the MACs of the forward's own jaxpr, for one clip."""
+    from dydit_jax import flops
+    for extras, frames in ((2, 4), (1, 6)):
+        model = Latte(**{**LATTE, "num_frames": frames}, extras=extras)
+        variables = model.init(jax.random.PRNGKey(0), *model.dummy_inputs())
+        x, t, y = model.dummy_inputs()
+        counted = flops.jaxpr_macs(lambda v: model.apply(v, x, t, y), variables)
+        macs = flops.static_macs(model)
+        assert macs["total"] == counted, (macs, counted)
+        assert macs["attn_qk"] == 2 * (frames * 16 * 16 + 16 * frames * frames) * 64

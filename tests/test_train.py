@@ -230,7 +230,8 @@ print("OK")
     assert len(losses) == 2 and np.all(np.isfinite(losses))
 
 
-@pytest.mark.parametrize("name", ["digits", "digits_dydit", "dit_s", "dit_b", "dit_l", "dit_xl"])
+@pytest.mark.parametrize("name", ["digits", "digits_dydit", "digits_sit", "latte_digits", "dit_s",
+                                  "dit_b", "dit_l", "dit_xl"])
 def test_every_config_builds_and_validates(name):
     import importlib.util
 
