@@ -32,6 +32,15 @@ def load_npz(*parts):
 ROOT = DATA.parent.parent
 
 
+def load_config(name: str, arg=None):
+    """`configs/<name>.py`'s get_config(arg)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
 def run_python(code: str, devices: int = 1, timeout: int = 600, check: bool = True):
     """Runs `code` in a fresh interpreter with `devices` simulated CPU devices.
 

@@ -1,5 +1,4 @@
 """DyDiT fine-tuning: the objective, the FLOPs target schedule, training through the loop, plots."""
-import importlib.util
 import json
 
 import jax
@@ -7,19 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import DATA, ROOT, load_npz
+from conftest import DATA, load_config, load_npz
 from dydit_jax import convert, flops
 from dydit_jax.diffusion import create_diffusion
 from dydit_jax.dydit_loss import dydit_loss_fn, flops_target
 from dydit_jax.models import DiT
 from test_dit import TINY, nhwc
-
-
-def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
 
 
 def test_flops_target_schedule():

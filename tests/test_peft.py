@@ -8,7 +8,6 @@ so that every adapted layer changes the output by O(1) ("sharp": the zero-initia
 of a fresh run would make every comparison trivially pass).
 """
 import dataclasses
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import DATA, ROOT, CompileCounter, run_python
+from conftest import DATA, CompileCounter, load_config, run_python
 from dydit_jax import convert, peft
 from dydit_jax.diffusion import create_diffusion
 from dydit_jax.models import DiT
@@ -294,13 +293,6 @@ def test_engine_with_tdlora_equals_the_masked_path_and_compiles_once():
 # ----------------------------------------------------------------------------------------------
 # Through the training system: checkpoints, resume, sample mode, the base check
 # ----------------------------------------------------------------------------------------------
-
-def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
-
 
 def tiny(config, steps):
     config.data.image_size = 8

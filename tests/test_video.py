@@ -1,13 +1,12 @@
 """The video family through the training system: the moving-digits source (deterministic,
 exactly resumable, host-sharded), the family registry, the Latte digits config training and
 sampling clips (grid, GIF, npz)."""
-import importlib.util
 
 import ml_collections
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import load_config
 from dydit_jax import config_lib, families
 from dydit_jax.data import create_source
 
@@ -69,13 +68,6 @@ def test_family_registry_names_the_model_of_a_config():
     c.model.name = "Vid-S/2"
     with pytest.raises(ValueError, match="names no model family"):
         families.family_of(c)
-
-
-def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
 
 
 def test_latte_config_checks_name_the_key():
