@@ -82,8 +82,8 @@ def test_fresh_adapters_leave_the_model_unchanged(name, scan):
     assert a.shape[-3:] == (spec.num_experts, 64, 2)
 
 
-@pytest.mark.parametrize("scan,remat", [(False, False), (True, True)])
-@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("name,scan,remat", [(name, False, False) for name in sorted(SPECS)]
+                         + [("tdlora-block-sigmoid", True, True)])
 def test_merged_equals_per_sample_low_rank_path(name, scan, remat):
     spec = SPECS[name]
     model, base = build(scan, remat)
@@ -209,7 +209,7 @@ def test_tdlora_mixing_changes_with_t_after_training():
     assert np.abs(a[0] - a[1]).max() > 1e-4, a
 
 
-def test_fingerprint_is_sharding_independent_and_sees_one_bit():
+def test_fingerprint_sees_one_bit():
     model, base = build()
     fp = fingerprint(base)
     assert fingerprint(jax.tree_util.tree_map(np.asarray, base)) == fp
@@ -217,21 +217,7 @@ def test_fingerprint_is_sharding_independent_and_sees_one_bit():
     k = flipped["blocks_1"]["mlp"]["fc2"]["kernel"]
     k.view(np.uint32)[3, 5] ^= 1          # one bit of one weight
     assert fingerprint(flipped) != fp
-    code = f"""
-import jax, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
-from dydit_jax import sharding as sl
-from dydit_jax.peft.trainable import fingerprint
-from test_peft import build
-model, base = build()
-mesh = sl.create_mesh(1, 8)
-sh = sl.tree_shardings(base, mesh, (("kernel$", "fsdp"), (".*", "replicate")))
-placed = jax.device_put(base, sh)
-assert not placed["blocks_0"]["mlp"]["fc1"]["kernel"].sharding.is_fully_replicated
-assert fingerprint(placed) == {fp!r}, fingerprint(placed)
-print("OK")
-"""
-    assert "OK" in run_python(code, devices=8).stdout
+    # On 8 FSDP-sharded devices: test_sharded_peft_step_equals_one_device (one subprocess).
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,6 +381,13 @@ def run(mesh):
         state, m = step(state, sl.global_batch(batch, mesh), frozen)
         out.append(float(m["loss"]))
     return state, out
+
+# The base fingerprint does not depend on the sharding (integer sums): the same on 8 devices.
+from dydit_jax.peft.trainable import fingerprint
+mesh8 = sl.create_mesh(1, 8)
+placed = jax.device_put(base, sl.tree_shardings(base, mesh8, rules))
+assert not placed["blocks"]["mlp"]["fc1"]["kernel"].sharding.is_fully_replicated
+assert fingerprint(placed) == fingerprint(jax.device_get(base))
 
 s1, l1 = run(sl.create_mesh(1, 1, devices=jax.devices()[:1]))
 s8, l8 = run(sl.create_mesh(2, 4))
