@@ -130,23 +130,21 @@ def _peft_weights(config, workdir: str, model, spec) -> SamplingWeights:
     """A PEFT workdir's weights: its base (`train.init_from`, checked against the base the
     adapters were trained on) with the latest checkpoint's trainable tree (EMA by default)."""
     from dydit_jax.peft import combine
-    from dydit_jax.peft.trainable import split_trainable
     from dydit_jax.train import restore_peft
     checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"))
     try:
-        base, state, _, step, _ = restore_peft(config, model, spec,
-                                               build_optimizer(config.train), checkpointer)
+        found = restore_peft(config, model, spec, build_optimizer(config.train), checkpointer)
     finally:
         checkpointer.close()
-    if state is None:
+    if found.state is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first, or "
                                 f"set --config.sample.checkpoint=<params dir or .pt file>")
     which = "EMA" if config.sample.use_ema else "raw"
-    print(f"sampling with the {which} {spec.method} adapters of step {step} on the base "
+    print(f"sampling with the {which} {spec.method} adapters of step {found.step} on the base "
           f"{config.train.init_from or '(fresh init)'}")
-    _, frozen = split_trainable(base, spec)
-    trainable = state["ema"] if config.sample.use_ema else state["params"]
-    return SamplingWeights(combine(frozen, jax.device_get(trainable)), step_name(step), step)
+    trainable = found.state["ema"] if config.sample.use_ema else found.state["params"]
+    return SamplingWeights(combine(found.frozen, jax.device_get(trainable)),
+                           step_name(found.step), found.step)
 
 
 def load_sampling_params(config, workdir: str, model):
@@ -234,9 +232,9 @@ def build_sample_fn(config, model, mesh, params, sampler: str, num_steps: int,
     if has_adapters(params) and spec is None:
         raise ValueError("these weights hold LoRA adapters: set config.peft to the method "
                          "they were trained with")
-    base_model = model
-    if spec is not None:
-        model = PeftModel(model, spec, mode="merged")
+    # The masked and static samplers run the model through the adapters; the engine merges
+    # them itself (`peft=`) and, like the width plan, takes the plain model.
+    adapted = model if spec is None else PeftModel(model, spec, mode="merged")
     common = dict(guide_channels=None if sc.guide_channels < 0 else sc.guide_channels,
                   use_cfg=cfg_scale > 1.0)
     diffusion = None if config.transport.enabled else build_diffusion(
@@ -245,17 +243,17 @@ def build_sample_fn(config, model, mesh, params, sampler: str, num_steps: int,
         common.update(complete=sc.engine == "static",
                       **sampling.sample_shardings(mesh, batch_axes=sharding_lib.BATCH_AXES))
         if diffusion is None:
-            fn = sampling.make_flow_sample_fn(model, build_transport(config),
+            fn = sampling.make_flow_sample_fn(adapted, build_transport(config),
                                               **_flow_solver_kwargs(config), **common)
         else:
-            fn = sampling.make_sample_fn(model, diffusion, sampler=sampler, eta=sc.eta,
+            fn = sampling.make_sample_fn(adapted, diffusion, sampler=sampler, eta=sc.eta,
                                          clip_denoised=sc.clip_denoised, **common)
         if sc.engine == "static" or not model.dynamic:
             return SampleFn(fn, sc.engine, 1.0, "the complete model")
         note = "masks on the full widths: every head and group is computed"
         if diffusion is not None:
             from dydit_jax.engine.plan import get_plan
-            routed = get_plan(base_model, {"params": params}, diffusion, cache_dir=plan_dir)
+            routed = get_plan(model, {"params": params}, diffusion, cache_dir=plan_dir)
             note += (f"; the routers keep {routed.macs_ratio(model, include_routers=False):.3f}"
                      f" of the FLOPs (tokens all kept), which engine=gathered runs")
         return SampleFn(fn, "masked", 1.0, note)
@@ -264,7 +262,6 @@ def build_sample_fn(config, model, mesh, params, sampler: str, num_steps: int,
     if not model.dynamic:
         raise ValueError("config.sample.engine=gathered needs a dynamic model "
                          "(config.dynamic.enabled=True)")
-    model = base_model
     common.update(mesh=mesh, batch_axes=sharding_lib.BATCH_AXES, plan_dir=plan_dir, peft=spec)
     if diffusion is None:
         engine = FlowEngine(model, {"params": params}, build_transport(config),

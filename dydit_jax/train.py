@@ -247,26 +247,44 @@ def peft_state_fn(model, spec, tx, base) -> Callable:
     return init_fn
 
 
-def restore_peft(config, model, spec, tx, checkpointer, mesh=None):
-    """(base, state or None, data_state, step, record) of a PEFT workdir: the base rebuilt
-    (`base_params`), the latest checkpoint's trainable state restored (placed by the mesh's
-    rules, or on the default device without a mesh) and checked against that base."""
+@dataclasses.dataclass
+class PeftRestore:
+    """What `restore_peft` finds: the rebuilt base split into its trainable and frozen parts,
+    the state's init function and shardings (None without a mesh), and the latest
+    checkpoint's state, data cursor, step and base record (None when there is none)."""
+    base: Any
+    trainable_base: Any
+    frozen: Any
+    init_fn: Callable
+    shardings: Any
+    state: Any = None
+    data_state: Any = None
+    step: Any = None
+    record: Any = None
+
+
+def restore_peft(config, model, spec, tx, checkpointer, mesh=None) -> PeftRestore:
+    """A PEFT workdir: the base rebuilt (`base_params`), the latest checkpoint's trainable
+    state restored (placed by the mesh's rules, or on the default device without a mesh) and
+    checked against that base."""
     from dydit_jax.peft.trainable import check_base, split_trainable
     base = base_params(config, model)
-    trainable_base, _ = split_trainable(base, spec)
+    trainable_base, frozen = split_trainable(base, spec)
     init_fn = peft_state_fn(model, spec, tx, base)
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed), trainable_base)
+    shardings = None
     if mesh is not None:
         shardings = sharding_lib.tree_shardings(abstract, mesh, config.mesh.rules)
         abstract = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    found = PeftRestore(base, trainable_base, frozen, init_fn, shardings)
     restored = checkpointer.restore_latest(abstract)
     if restored is None:
-        return base, None, None, None, None
-    state, data_state, step = restored
-    record = checkpointer.base_record(step)
-    check_base(record, base, config.train.init_from)
-    return base, state, data_state, step, record
+        return found
+    found.state, found.data_state, found.step = restored
+    found.record = checkpointer.base_record(found.step)
+    check_base(found.record, base, config.train.init_from)
+    return found
 
 
 def cast_frozen(frozen, config):
@@ -293,23 +311,19 @@ def setup_peft_state(config, model, spec, tx, mesh, checkpointer):
     The state's params are the trainable tree only; the frozen base is placed by the same
     sharding rules. A restored checkpoint must name this base (`trainable.check_base`).
     """
-    from dydit_jax.peft.trainable import base_record, split_trainable
-    base, state, data_state, step, record = restore_peft(config, model, spec, tx,
-                                                         checkpointer, mesh)
-    trainable_base, frozen = split_trainable(base, spec)
-    frozen = cast_frozen(frozen, config)
+    from dydit_jax.peft.trainable import base_record
+    found = restore_peft(config, model, spec, tx, checkpointer, mesh)
+    frozen = cast_frozen(found.frozen, config)
     frozen_sh = sharding_lib.tree_shardings(frozen, mesh, config.mesh.rules)
     frozen = jax.device_put(frozen, frozen_sh)
-    init_fn = peft_state_fn(model, spec, tx, base)
-    rng = jax.random.PRNGKey(config.seed)
-    shardings = sharding_lib.tree_shardings(jax.eval_shape(init_fn, rng, trainable_base), mesh,
-                                            config.mesh.rules)
-    if state is not None:
-        logging.info("resumed PEFT adapters from step %d", step)
-        return state, data_state, shardings, PeftSetup(spec, frozen, frozen_sh, record)
-    state = jax.jit(init_fn, out_shardings=shardings)(rng, trainable_base)
-    record = base_record(base, spec, state["params"], config.train.init_from)
-    return state, None, shardings, PeftSetup(spec, frozen, frozen_sh, record)
+    if found.state is not None:
+        logging.info("resumed PEFT adapters from step %d", found.step)
+        return (found.state, found.data_state, found.shardings,
+                PeftSetup(spec, frozen, frozen_sh, found.record))
+    state = jax.jit(found.init_fn, out_shardings=found.shardings)(
+        jax.random.PRNGKey(config.seed), found.trainable_base)
+    record = base_record(found.base, spec, state["params"], config.train.init_from)
+    return state, None, found.shardings, PeftSetup(spec, frozen, frozen_sh, record)
 
 
 def initial_params(config, model: DiT, fresh_params):

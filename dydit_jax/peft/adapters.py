@@ -305,13 +305,12 @@ def _sample_rows(mix, rows: int):
     return jnp.repeat(mix, rows // b, axis=0)
 
 
-def _merged_dense(run: _Run, module: nn.Dense, x):
+def _merged_dense(run: _Run, module: nn.Dense, x, router):
     """The Dense on W + delta W(t) for the forward's one t (E_t of row 0): one matmul, as
     `nn.Dense.__call__` computes it (same dtype promotion and dot)."""
     spec = run.spec
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
-    router = _module_router(module) if spec.routed else None
     mix = None if router is None else mixing_weights(router, run.t_emb[0], spec)
     delta = kernel_delta(module.get_variable("params", "lora_A"),
                          module.get_variable("params", "lora_B"), mix, spec.scale)
@@ -351,7 +350,7 @@ def _interceptor(run: _Run):
                                  f"peft.time_module to the model's timestep embedder")
             run.applied.add("/".join(module.path))
             if run.mode == "merged":
-                return _merged_dense(run, module, x)
+                return _merged_dense(run, module, x, router)
             base = next_fun(*args, **kwargs)
             delta = _rows_delta(run, module, x, router,
                                 module.get_variable("params", "lora_A"),
