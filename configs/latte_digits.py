@@ -16,12 +16,13 @@ from dydit_jax import config_lib
 
 
 def get_config(arg=None):
-    args = config_lib.parse_arg(arg, steps=2000, batch=16, frames=8)
+    args = config_lib.parse_arg(arg, steps=3000, batch=16, frames=8, size=20, scale=2)
     c = config_lib.base_config()
     c.model.update(name="custom", family="latte", hidden_size=96, depth=4, num_heads=4,
-                   patch_size=2, input_size=16, in_channels=1, num_classes=10,
+                   patch_size=2, input_size=args.size, in_channels=1, num_classes=10,
                    num_frames=args.frames, extras=2)
-    c.data.update(name="moving_digits", image_size=16, channels=1, num_classes=10,
+    c.data.update(name="moving_digits", image_size=args.size, digit_scale=args.scale,
+                  channels=1, num_classes=10,
                   num_frames=args.frames, num_examples=8 * 1797, max_speed=1.5)
     c.train.update(batch_size=args.batch, num_steps=args.steps, lr=1e-3, ema_decay=0.995,
                    grad_clip=1.0, log_every=50, checkpoint_every=500, keep_period=0)

@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
                                  # transport); dit | sit | latte (dydit_jax/families.py)
         num_frames=16,           # latte: frames per clip
         extras=2,                # latte: 2 class-conditional, 1 unconditional
+        token_blocks="both",     # dynamic latte: SDT token routers in both/spatial/temporal blocks
     ))
 
     # DyDiT (DESIGN.md 1): routers in the model and the FLOPs-constrained objective.
@@ -119,7 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     c.data = ml_collections.ConfigDict(dict(
-        name="synthetic",        # digits | imagenet | latents | synthetic (see dydit_jax/data)
+        name="synthetic",        # digits | moving_digits | imagenet | ucf101 | video_folder |
+                                 # latents | synthetic (see dydit_jax/data)
         image_size=32,
         channels=4,              # digits: 1 or 3; synthetic: any
         num_classes=1000,        # synthetic labels
@@ -130,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
         random_flip=False,       # horizontal flips (digits, imagenet)
         resize="nearest",        # digits upsampling: nearest | bilinear
         tfds_name="imagenet2012",
-        data_dir=opt_str(),
+        data_dir=opt_str(),      # tfds data dir (imagenet, ucf101); video_folder: the videos
         manual_dir=opt_str(),
         download_and_prepare=False,
         split="train",
@@ -140,7 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
         prefetch=2,              # batches prepared ahead
         path=opt_str(),          # latents: directory of .npz shards
         latent_flip=False,
-        num_frames=8,            # moving_digits: frames per clip
+        num_frames=8,            # moving_digits, ucf101, video_folder: frames per clip
+        frame_stride=3,          # ucf101, video_folder: frames between clip frames (Latte: 3)
+        ucf101_config="ucf101_1",   # ucf101: the tfds builder config (ucf101_1/_2/_3 splits)
         digit_scale=1,           # moving_digits: 1 = the 8x8 digit, 2 = 16x16
         max_speed=1.5,           # moving_digits: pixels per frame per axis
     ))
@@ -380,9 +384,13 @@ def check_sources(config: ml_collections.ConfigDict, workdir: str) -> None:
         if not dc.path:
             _fail("data.path", dc.path, extract_first)
         _check_exists(config, "data.path", extract_first)
-    if (reads_data and dc.name == "imagenet") or mode == "extract":
+    if dc.name == "video_folder" and (reads_data or mode == "extract"):
+        _check_exists(config, "data.data_dir", "it should be the folder of video files "
+                      "(class subfolders, or the videos directly for one class)")
+    elif (reads_data and dc.name in ("imagenet", "ucf101")) or mode == "extract":
+        held = "ucf101/" + dc.ucf101_config if dc.name == "ucf101" else repr(dc.tfds_name)
         _check_exists(config, "data.data_dir", "it should be the tfds data directory that "
-                      f"holds {dc.tfds_name!r} (None: tfds's default directory)")
+                      f"holds {held} (None: tfds's default directory)")
         if dc.download_and_prepare:
             _check_exists(config, "data.manual_dir", "it should hold the manually downloaded "
                           "archives that tfds prepares (ILSVRC2012_img_train.tar for ImageNet)")
@@ -569,6 +577,7 @@ def _check_model(config) -> None:
             _fail("model.name", mc.name, "a SiT is a flow-matching model: set "
                   "config.transport.enabled=True")
     from dydit_jax import families
+    from dydit_jax.data import VIDEO_SOURCES
     try:
         family = families.family_of(config)
     except ValueError as e:
@@ -578,7 +587,8 @@ def _check_model(config) -> None:
     if family.video:
         _check_positive(config, "model.num_frames")
         _check_choice(config, "model.extras", (1, 2))
-        if config.data.name == "moving_digits" and config.data.num_frames != mc.num_frames:
+        _check_choice(config, "model.token_blocks", ("both", "spatial", "temporal"))
+        if config.data.name in VIDEO_SOURCES and config.data.num_frames != mc.num_frames:
             _fail("data.num_frames", config.data.num_frames, f"the clips must have the "
                   f"model's config.model.num_frames={mc.num_frames} frames")
         if mc.name == "custom" and mc.depth % 2:

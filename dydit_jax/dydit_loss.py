@@ -7,8 +7,9 @@ terms)`: the full ADM loss (eps MSE + VLB with a detached mean; `diffusion_per_s
 the flow-matching loss of a SiT (`flow_loss.transport_per_sample_loss`). The same `rng` gives
 the same t and noise, hence the same x_t for the complete model. L_flops = 2 (mean_b r_b - target)^2
 with r_b the per-sample FLOPs ratio of the masks (`flops.flops_ratio`, the release's constants
-A = 4ND^2 + 2N^2D, M = 8ND^2). The target is 1.0 for `hold_steps` steps, then ramps linearly to
-lambda over `warmup_steps`, then stays at lambda (the release's schedule).
+A = 4ND^2 + 2N^2D, M = 8ND^2; per block for a Latte, `flops.model_block_costs`). The target is
+1.0 for `hold_steps` steps, then ramps linearly to lambda over `warmup_steps`, then stays at lambda
+(the release's schedule).
 """
 from __future__ import annotations
 
@@ -74,11 +75,13 @@ def dydit_loss_fn(model, per_sample_loss, dc) -> Callable:
         raise ValueError(f"config.dynamic.stage={dc.stage}; valid: 1 (with the complete-model "
                          f"loss) or 2 (without)")
     per_sample_loss = as_per_sample_loss(per_sample_loss)
-    num_tokens, hidden = model.num_patches, model.hidden_size
+    # Per-block constants: equal for a DiT's blocks, spatial vs temporal for a Latte's.
+    num_tokens, hidden = model.tokens_per_sample, model.hidden_size
+    costs = flops.model_block_costs(model)
 
     def loss_fn(params, batch, rng, step):
         k_loss, k_drop, k_gumbel = jax.random.split(rng, 3)
-        x, y = batch["image"], batch["label"]
+        x, y = batch["image"], (batch["label"] if model.conditional else None)
         rngs = {"label_dropout": k_drop, "gumbel": k_gumbel}
 
         def dynamic_fn(x_t, t_model):
@@ -87,7 +90,7 @@ def dydit_loss_fn(model, per_sample_loss, dc) -> Callable:
         dyn_loss, terms = per_sample_loss(dynamic_fn, x, k_loss)
         aux = terms["extra"]
         ratio = flops.flops_ratio(aux["head_masks"], aux["group_masks"],
-                                  aux.get("token_masks"), num_tokens, hidden)
+                                  aux.get("token_masks"), num_tokens, hidden, costs=costs)
         target = flops_target(step, dc.target, dc.warmup_steps, dc.hold_steps)
         l_flops = 2.0 * jnp.square(jnp.mean(ratio) - target)
         loss = jnp.mean(dyn_loss) + l_flops

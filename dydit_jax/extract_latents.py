@@ -1,4 +1,5 @@
-"""The extract mode: encode a tfds image dataset once into the latent shards of `data.name=latents`.
+"""The extract mode: encode a tfds image dataset (or video clips) once into the latent shards of
+`data.name=latents`.
 
     python -m dydit_jax.main --config=configs/dit_xl.py --workdir=runs/extract \
         --config.mode=extract --config.evaluate.vae_dir=sd-vae-ft-ema \
@@ -25,6 +26,12 @@ the missing ones; `extract.json` records the settings and a rerun with different
 refused. The output directory is `extract.output_dir`, else `data.path`, else
 `<workdir>/latents`. With several hosts, host p encodes shards p, p + P, ... on its own
 devices (the directory must be shared); host 0 writes meta.json once all are there.
+
+Video: with `data.name` a video source (`moving_digits` with `channels=3`, `ucf101`,
+`video_folder`) each example is a clip [F, S, S, 3] (the clip of epoch 0, `data.seed`: a
+latent dataset holds one fixed clip per video), its frames are encoded one by one and stored as
+[F, h, w, c] (shards of [n, F, h, w, c]); frame f's encoder noise is drawn from
+`fold_in(<the key above>, f)`, and the flip copy mirrors every frame.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from dydit_jax.data import VIDEO_SOURCES, create_source
 from dydit_jax.data import latents as latents_lib
 from dydit_jax.evaluate import (check_spec, atomic_savez, atomic_write_json, global_array,
                                 is_main_process, padded, round_up, sync, to_host)
@@ -51,27 +59,47 @@ def output_dir(config, workdir: str) -> str:
 
 
 def make_encode_fn(vae, mesh: Mesh, seed: int, flip: bool):
-    """(variables, images [B, H, W, 3] in [-1, 1], global indices [B]) -> scaled latents
-    [B or 2B, h, w, c]; with `flip` rows 2j and 2j + 1 are image j and its mirror image."""
+    """(variables, images [B, H, W, 3] or clips [B, F, H, W, 3] in [-1, 1], global indices
+    [B]) -> scaled latents [B or 2B, (F,) h, w, c]; with `flip` rows 2j and 2j + 1 are
+    example j and its mirror image."""
     batch = NamedSharding(mesh, P("batch"))
 
     def encode(variables, images, indices):
-        rows = jnp.concatenate([images, images[:, :, ::-1]]) if flip else images
-        posterior = vae.apply(variables, rows, method="encode")
+        rows = jnp.concatenate([images, images[..., ::-1, :]]) if flip else images
+        frames = rows.shape[1] if rows.ndim == 5 else None
+        posterior = vae.apply(variables, rows.reshape((-1,) + rows.shape[-3:]), method="encode")
         base = jax.random.PRNGKey(seed)
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
         copies = (0, 1) if flip else (0,)
         keys = jnp.concatenate([jax.vmap(lambda k, c=c: jax.random.fold_in(k, c))(keys)
                                 for c in copies])
+        if frames is not None:   # a key per frame: [rows, F] -> [rows * F]
+            keys = jax.vmap(lambda k: jax.vmap(lambda f: jax.random.fold_in(k, f))(
+                jnp.arange(frames)))(keys).reshape((-1,) + keys.shape[1:])
         shape = posterior.mean.shape[1:]
         noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
         z = vae.scale_latents(posterior.from_noise(noise)).astype(jnp.float32)
-        if flip:  # [image 0..B-1; flips 0..B-1] -> image 0, flip 0, image 1, flip 1, ...
+        z = z.reshape(rows.shape[:-3] + shape)
+        if flip:  # [example 0..B-1; flips 0..B-1] -> example 0, flip 0, example 1, flip 1, ...
             b = images.shape[0]
-            z = jnp.stack([z[:b], z[b:]], axis=1).reshape((2 * b,) + shape)
+            z = jnp.stack([z[:b], z[b:]], axis=1).reshape((2 * b,) + z.shape[1:])
         return z
 
     return jax.jit(encode, out_shardings=batch)
+
+
+def example_loader(source):
+    """index -> (image [H, W, 3] or clip [F, H, W, 3], label) of `source` in epoch 0 (built
+    without flips or shuffling), for per-example and batched sources alike."""
+    seed = source.sampler.seed
+    if source.per_example:
+        return lambda i: source._load_example(int(i), 0, seed)
+
+    def load(i):
+        batch = source._load_batch(np.asarray([i], np.int64), 0, seed)
+        return batch["image"][0], int(batch["label"][0])
+
+    return load
 
 
 def _shard_complete(path: str, count: int, shape) -> bool:
@@ -89,7 +117,6 @@ def extract_from_config(config, workdir: str) -> Dict[str, Any]:
     """The extract mode (see the module docstring). Returns {"path", "meta", "encoded_shards",
     "skipped_shards"} (shard indices this process encoded now / found complete)."""
     from dydit_jax.convert_vae import load_vae
-    from dydit_jax.data.imagenet import ImageNetSource
 
     ec = config.extract
     if ec.shard_size < 1 or ec.batch_size < 1:
@@ -104,19 +131,31 @@ def extract_from_config(config, workdir: str) -> Dict[str, Any]:
         raise ValueError(f"image size {image_size} is not a multiple of the VAE's "
                          f"downsampling factor {vae.downsample_factor}")
     latent = image_size // vae.downsample_factor
-    shape = (latent, latent, vae.latent_channels)
     copies = 2 if ec.flip else 1
     out = output_dir(config, workdir)
 
+    video = config.data.name in VIDEO_SOURCES
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
     workers = max(1, int(data_cfg.num_workers or 1))  # decoding threads (ours, below)
-    data_cfg.update(name="imagenet", image_size=image_size, random_flip=False, shuffle=False,
-                    num_workers=0, prefetch=0)
-    source = ImageNetSource(data_cfg, process_index=0, process_count=1, local_batch_size=1)
-    num_images = len(source.ds)
-    spec = dict(tfds_name=data_cfg.tfds_name, split=data_cfg.split,
-                data_dir=data_cfg.data_dir, decode=data_cfg.decode, num_images=num_images,
-                image_size=image_size, shard_size=ec.shard_size, flip=bool(ec.flip),
+    data_cfg.update(name=data_cfg.name if video else "imagenet", image_size=image_size,
+                    random_flip=False, shuffle=False, num_workers=0, prefetch=0)
+    source = create_source(data_cfg, local_batch_size=1)
+    num_images = source.num_examples
+    if video:
+        if source.image_shape[-1] != 3:
+            raise ValueError(f"extract encodes RGB frames with the VAE, but data.name="
+                             f"{data_cfg.name} gives {source.image_shape[-1]}-channel clips: "
+                             f"set config.data.channels=3")
+        shape = (source.image_shape[0], latent, latent, vae.latent_channels)
+        settings = {k: v for k, v in data_cfg.items() if k not in ("num_workers", "prefetch")}
+        spec = dict(data=settings, num_images=num_images)
+        what = f"clips of {source.image_shape[0]} frames of data.name={data_cfg.name}"
+    else:
+        shape = (latent, latent, vae.latent_channels)
+        spec = dict(tfds_name=data_cfg.tfds_name, split=data_cfg.split,
+                    data_dir=data_cfg.data_dir, decode=data_cfg.decode, num_images=num_images)
+        what = f"images of {data_cfg.tfds_name}/{data_cfg.split}"
+    spec.update(image_size=image_size, shard_size=ec.shard_size, flip=bool(ec.flip),
                 seed=config.seed, vae_dir=os.path.abspath(config.evaluate.vae_dir))
     if is_main_process():
         os.makedirs(out, exist_ok=True)
@@ -137,9 +176,8 @@ def extract_from_config(config, workdir: str) -> Dict[str, Any]:
             if not _shard_complete(os.path.join(out, names[k]), counts[k] * copies, shape)]
     skipped = [k for k in mine if k not in todo]
     if is_main_process():
-        print(f"extract: {num_images} images of {data_cfg.tfds_name}/{data_cfg.split} at "
-              f"{image_size}px -> {len(starts)} shards in {out}; {len(skipped)} complete, "
-              f"{len(todo)} to encode")
+        print(f"extract: {num_images} {what} at {image_size}px -> {len(starts)} shards in "
+              f"{out}; {len(skipped)} complete, {len(todo)} to encode")
 
     if todo:
         mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
@@ -147,7 +185,7 @@ def extract_from_config(config, workdir: str) -> Dict[str, Any]:
         sharding = NamedSharding(mesh, P("batch"))
         encode = make_encode_fn(vae, mesh, config.seed, bool(ec.flip))
         variables = jax.device_put(variables, NamedSharding(mesh, P()))
-        load = lambda i: source._load_example(int(i), 0, 0)  # noqa: E731 - no flip, no shuffle
+        load = example_loader(source)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
                 tqdm(total=sum(counts[k] for k in todo), desc="extract", unit="img",
                      disable=not is_main_process(), dynamic_ncols=True) as bar:

@@ -57,8 +57,9 @@ def _latte():
 FAMILIES: Dict[str, Family] = {
     "dit": Family("dit", "DiT", _dit),
     "sit": Family("sit", "SiT", _sit, flow=True),
-    "latte": Family("latte", "Latte", _latte, video=True, dynamic=False,
-                    extra_kwargs=lambda mc: dict(num_frames=mc.num_frames, extras=mc.extras)),
+    "latte": Family("latte", "Latte", _latte, video=True,
+                    extra_kwargs=lambda mc: dict(num_frames=mc.num_frames, extras=mc.extras,
+                                                 token_blocks=mc.token_blocks)),
 }
 
 

@@ -79,7 +79,8 @@ ROUTER_PARTS = ("width_routers", "token_router")
 # Constructor defaults of `dydit_jax.models.dit.DiT` for the fields the count depends on.
 _DEFAULTS = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, learn_sigma=True, frequency_embedding_size=256,
-                 num_frames=0)   # num_frames > 0: a Latte (video) clip of that many frames
+                 num_frames=0,   # num_frames > 0: a Latte (video) clip of that many frames
+                 token_blocks="both")   # a dynamic Latte's blocks with SDT token routers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,8 +112,22 @@ def _resolve(model_or_config: Any) -> Dict[str, Any]:
         out_channels=2 * c if cfg["learn_sigma"] else c, hidden_size=d,
         depth=int(cfg["depth"]), num_heads=heads,
         mlp_hidden=int(d * cfg["mlp_ratio"]), freq_dim=int(cfg["frequency_embedding_size"]),
-        frames=int(cfg["num_frames"] or 0),
+        frames=int(cfg["num_frames"] or 0), token_blocks=str(cfg["token_blocks"]),
     )
+
+
+def block_shapes(model_or_config: Any):
+    """Per block l: (tokens T, attention length S_l, has a token router) of one sample. A DiT:
+    (N, N, True) for every block; a Latte clip: T = F*N tokens, S = N in spatial blocks (even
+    l; F groups of N) and S = F in temporal ones (N groups of F); SDT where `token_blocks`
+    says."""
+    k = _resolve(model_or_config)
+    n, f = k["num_tokens"], k["frames"]
+    if not f:
+        return [(n, n, True)] * k["depth"]
+    kinds = ("spatial", "temporal")
+    return [(f * n, n if l % 2 == 0 else f, k["token_blocks"] in ("both", kinds[l % 2]))
+            for l in range(k["depth"])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +207,19 @@ def block_costs(num_tokens: int, hidden_size: int) -> Tuple[int, int]:
     return 4 * n * d * d + 2 * n * n * d, 8 * n * d * d
 
 
-def flops_ratio(head_masks, group_masks, token_masks, num_tokens: int, hidden_size: int):
+def model_block_costs(model_or_config: Any) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """The FLOPs loss's constants per block (A_l, M_l), each a tuple of length L: the released
+    A = 4TD^2 + 2 T S_l D, M = 8TD^2 with T tokens and attention length S_l per block
+    (`block_shapes`): for a DiT every block has `block_costs(N, D)`; a Latte clip's spatial
+    blocks attend over S = N (F * N^2 * D per product), its temporal ones over S = F."""
+    d = _resolve(model_or_config)["hidden_size"]
+    shapes = block_shapes(model_or_config)
+    return (tuple(4 * t * d * d + 2 * t * s * d for t, s, _ in shapes),
+            tuple(8 * t * d * d for t, _, _ in shapes))
+
+
+def flops_ratio(head_masks, group_masks, token_masks, num_tokens: int, hidden_size: int,
+                costs=None):
     """Per-sample FLOPs ratio of the DyDiT loss. Returns [B] (jnp, differentiable).
 
     r_b = sum_l [ (heads_on/H) * A + (groups_on/H) * (tokens_on/N) * M ] / (L * (A + M))
@@ -203,9 +230,17 @@ def flops_ratio(head_masks, group_masks, token_masks, num_tokens: int, hidden_si
     `hidden_size` only set the constants A and M (`block_costs`): the release uses a model's
     constants even when the masks come from a smaller config, and so can the caller.
     The batch mean of this is what L_flops = 2 * (mean_b r_b - target)^2 uses.
+    `costs`: per-block constants (A_l, M_l) (`model_block_costs`, a Latte's), overriding
+    `num_tokens`/`hidden_size`; then r_b = sum_l [h_l A_l + g_l t_l M_l] / sum_l (A_l + M_l).
     """
-    a, m = block_costs(num_tokens, hidden_size)
-    wa, wm = a / (a + m), m / (a + m)  # normalise in Python: no float32 overflow or cancellation
+    if costs is not None and (len(set(costs[0])) > 1 or len(set(costs[1])) > 1):
+        a, m = (np.asarray(v, np.float64) for v in costs)
+        total = float(np.sum(a + m)) / len(a)
+        wa, wm = jnp.asarray(a / total, jnp.float32), jnp.asarray(m / total, jnp.float32)
+    else:
+        a, m = ((costs[0][0], costs[1][0]) if costs is not None
+                else block_costs(num_tokens, hidden_size))
+        wa, wm = a / (a + m), m / (a + m)   # in Python: no float32 overflow or cancellation
     head_masks = jnp.asarray(head_masks)
     group_masks = jnp.asarray(group_masks)
     if head_masks.ndim != 3 or group_masks.shape != head_masks.shape:
@@ -264,7 +299,8 @@ def dynamic_macs(model_or_config: Any, head_counts, group_counts, token_counts=N
 
     head_counts, group_counts: active heads / MLP groups per block, index 0 included: shape
     [L] or [B, L] (or a scalar for every block); G = H groups of mlp_hidden/H channels.
-    token_counts: tokens that run the MLP per block, [L] or [B, L]; None = all N tokens.
+    token_counts: tokens that run the MLP per block, [L] or [B, L]; None = all tokens (N;
+    a Latte clip: F*N, see `block_shapes`, whose attention lengths the attention terms use).
     Values are floats (numpy arrays with the batch shape when the counts have one).
 
     Cost model, per block: attention scales with the active heads h as a whole
@@ -276,11 +312,16 @@ def dynamic_macs(model_or_config: Any, head_counts, group_counts, token_counts=N
     token). With full counts and include_routers=False this equals `static_macs` exactly.
     """
     k = _resolve(model_or_config)
-    n, d, depth, heads = k["num_tokens"], k["hidden_size"], k["depth"], k["num_heads"]
+    d, depth, heads = k["hidden_size"], k["depth"], k["num_heads"]
     hid = k["mlp_hidden"]
     hd, group_width = d // heads, hid // heads
     if hid % heads:
         raise ValueError(f"MLP hidden size {hid} is not divisible into {heads} groups")
+    shapes = block_shapes(model_or_config)
+    tokens = np.asarray([s[0] for s in shapes], np.float64)      # [L]: T
+    seq = np.asarray([s[1] for s in shapes], np.float64)         # [L]: attention length
+    routed = np.asarray([s[2] for s in shapes], np.float64)      # [L]: has a token router
+    n = int(tokens.max())
 
     def per_block(counts, name, upper):
         c = np.asarray(counts, np.float64)
@@ -294,23 +335,23 @@ def dynamic_macs(model_or_config: Any, head_counts, group_counts, token_counts=N
 
     h = per_block(head_counts, "head_counts", heads)
     g = per_block(group_counts, "group_counts", heads)
-    t = per_block(n if token_counts is None else token_counts, "token_counts", n)
+    t = per_block(tokens if token_counts is None else token_counts, "token_counts", n)
     width = h * hd  # active attention width per block
 
     static = static_macs(model_or_config)
     out: Dict[str, Any] = {name: float(static[name]) for name in
                            ("patch_embed", "t_embedder", "y_embedder", "adaLN",
                             "final_adaLN", "final_linear")}
-    out["attn_qkv"] = (n * d * 3 * width).sum(-1)
-    out["attn_qk"] = (n * n * width).sum(-1)
-    out["attn_av"] = (n * n * width).sum(-1)
-    out["attn_proj"] = (n * width * d).sum(-1)
+    out["attn_qkv"] = (tokens * d * 3 * width).sum(-1)
+    out["attn_qk"] = (tokens * seq * width).sum(-1)   # T/S groups of S x S, per active width
+    out["attn_av"] = (tokens * seq * width).sum(-1)
+    out["attn_proj"] = (tokens * width * d).sum(-1)
     out["mlp_fc1"] = (t * d * g * group_width).sum(-1)
     out["mlp_fc2"] = (t * g * group_width * d).sum(-1)
     if include_routers:
         r = d // 16
         out["width_routers"] = float(depth * 2 * d * (heads - 1))
-        out["token_router"] = float(depth * n * (d * r + r))
+        out["token_router"] = float((routed * tokens * (d * r + r)).sum())
     else:
         out["width_routers"] = 0.0
         out["token_router"] = 0.0
@@ -404,6 +445,6 @@ def xla_flops(compiled) -> float:
 
 __all__ = [
     "PAPER_GFLOPS_256", "PARTS", "ATTENTION_PARTS", "MLP_PARTS", "ROUTER_PARTS",
-    "static_macs", "block_costs", "flops_ratio", "flops_loss", "counts_from_masks",
+    "static_macs", "block_shapes", "block_costs", "model_block_costs", "flops_ratio", "flops_loss", "counts_from_masks",
     "dynamic_macs", "macs_ratio", "jaxpr_macs", "xla_flops",
 ]

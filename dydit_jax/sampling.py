@@ -140,7 +140,8 @@ def make_sample_fn(
         shape = (b,) + latent_shape
         if not use_cfg:
             def model_fn(x, t):
-                return _output(model.apply(variables, x, t, labels, **dyn_kw))
+                return _output(model.apply(variables, x, t, labels if model.conditional else None,
+                                           **dyn_kw))
             return run_loop(model_fn, shape, rng, None)
 
         z = jax.random.normal(split_loop_key(rng)[0], shape, jnp.float32)
@@ -310,7 +311,8 @@ def make_flow_sample_fn(
                                    method="forward_with_cfg", **dyn_kw)
         else:
             def model_fn(x, t):
-                return model.apply(variables, x, t, labels, **dyn_kw)
+                return model.apply(variables, x, t, labels if model.conditional else None,
+                                   **dyn_kw)
         kw = {"rng": k_sde} if sampler == "sde" else {}
         # xs: [num_steps, rows, H, W, C]; the last is the sample
         xs, stats = solve.with_stats(z, model_fn, **kw)

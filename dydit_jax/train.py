@@ -102,7 +102,7 @@ def diffusion_loss_fn(model: DiT, diffusion) -> Callable:
 
     def loss_fn(params, batch, rng, step):
         k_t, k_noise, k_drop = jax.random.split(rng, 3)
-        x, y = batch["image"], batch["label"]
+        x, y = batch["image"], (batch["label"] if model.conditional else None)
         t = jax.random.randint(k_t, (x.shape[0],), 0, diffusion.num_timesteps)
 
         def model_fn(x_t, t_model, y):

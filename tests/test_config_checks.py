@@ -179,6 +179,9 @@ def test_check_sources(tmp_path):
         f"config.data.path={missing!r}: no such file or directory; data.name=latents")
     assert error(**{"data.name": "imagenet", "data.data_dir": missing}).startswith(
         "config.data.data_dir=")
+    assert "holds ucf101/ucf101_1" in error(**{"data.name": "ucf101", "data.data_dir": missing})
+    assert "folder of video files" in error(**{"data.name": "video_folder",
+                                               "data.data_dir": missing})
     assert error(**{"data.name": "imagenet", "data.download_and_prepare": True,
                     "data.manual_dir": missing}).startswith("config.data.manual_dir=")
     assert error(mode="extract").startswith("config.evaluate.vae_dir=None: mode=extract")

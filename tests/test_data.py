@@ -129,7 +129,7 @@ def test_per_host_disjoint_slices():
 
 
 def test_bad_configs_and_states():
-    with pytest.raises(ValueError, match="digits, imagenet, latents, synthetic"):
+    with pytest.raises(ValueError, match="imagenet, ucf101, video_folder, latents, synthetic"):
         data.create_source(_cfg(name="mnist"), local_batch_size=4)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         data.create_source(_digits_cfg(), local_batch_size=1000, process_count=2)

@@ -217,34 +217,6 @@ def test_inception_weights_are_read_from_the_configured_file(tmp_path):
 # Latent extraction
 # ----------------------------------------------------------------------------------------------
 
-TINY_VAE = {
-    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
-    "block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 4,
-    "norm_num_groups": 4, "act_fn": "silu", "scaling_factor": 0.18215,
-    "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
-    """A diffusers-layout folder (config.json + safetensors) with random weights."""
-    from safetensors.numpy import save_file
-
-    from dydit_jax import convert_vae
-
-    folder = tmp_path_factory.mktemp("tiny_vae")
-    (folder / "config.json").write_text(json.dumps(TINY_VAE))
-    model = convert_vae.vae_from_config(TINY_VAE)
-    rng = np.random.default_rng(0)
-    state = {}
-    for path, leaf in traverse_util.flatten_dict(convert_vae.abstract_params(model)).items():
-        shape = convert_vae._torch_shape(leaf.shape, convert_vae._layout(leaf))
-        value = rng.normal(0, 0.1, shape) + (1.0 if path[-1] == "scale" else 0.0)
-        state[convert_vae.diffusers_name(path)] = value.astype(np.float32)
-    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
-    return folder
-
-
 def extract_config(vae_dir, out):
     config = config_lib.base_config()
     config.mode = "extract"

@@ -77,15 +77,15 @@ def test_latte_config_checks_name_the_key():
     with pytest.raises(config_lib.ConfigError, match="config.data.num_frames=4"):
         config_lib.validate(c)
     c = load_config("latte_digits")
-    c.dynamic.enabled = True
-    with pytest.raises(config_lib.ConfigError, match="no dynamic mode yet"):
+    c.model.token_blocks = "frames"
+    with pytest.raises(config_lib.ConfigError, match="config.model.token_blocks='frames'"):
         config_lib.validate(c)
 
 
 def test_latte_digits_trains_and_samples_clips(tmp_path):
     from dydit_jax import main, train
     from dydit_jax.models import Latte
-    c = load_config("latte_digits", "steps=3,batch=4,frames=4")
+    c = load_config("latte_digits", "steps=3,batch=4,frames=4,size=16,scale=1")
     c.model.update(hidden_size=32, depth=2, num_heads=2)
     c.train.update(log_every=1, checkpoint_every=3, async_checkpointing=False)
     c.sample.update(num_steps=3, per_class=1, classes=(0, 1, 2))

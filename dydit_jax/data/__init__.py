@@ -11,11 +11,12 @@ Usage::
 
 ``config.data.name`` picks the source: "digits" (sklearn 8x8 digits upsampled),
 "moving_digits" (videos of those digits bouncing on a canvas, [b, F, H, W, C]),
-"imagenet" (tfds random access + DiT center crop), "latents" (pre-extracted VAE
-latents in ``.npz`` shards, see :func:`write_latent_shards`) or "synthetic"
-(random data for benchmarks). Common keys: ``image_size``, ``seed``, ``shuffle``.
-See :mod:`dydit_jax.data.base` for the ordering / sharding / resume model and
-each module's docstring for its keys.
+"imagenet" (tfds random access + DiT center crop), "ucf101" (tfds-prepared UCF-101
+clips, [b, F, S, S, 3]), "video_folder" (clips of the video files in a folder, by
+class subfolder), "latents" (pre-extracted VAE latents in ``.npz`` shards, images or
+clips, see :func:`write_latent_shards`) or "synthetic" (random data for benchmarks).
+Common keys: ``image_size``, ``seed``, ``shuffle``. See :mod:`dydit_jax.data.base`
+for the ordering / sharding / resume model and each module's docstring for its keys.
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from dydit_jax.data.base import DataSource, EpochSampler
 from dydit_jax.data.latents import LatentShards, write_latent_shards
 from dydit_jax.data.transforms import center_crop_arr
 
-SOURCES = ("digits", "moving_digits", "imagenet", "latents", "synthetic")
+SOURCES = ("digits", "moving_digits", "imagenet", "ucf101", "video_folder", "latents",
+           "synthetic")
+VIDEO_SOURCES = ("moving_digits", "ucf101", "video_folder")   # batches [b, F, H, W, C]
 
 
 def create_source(
@@ -54,6 +57,14 @@ def create_source(
         from dydit_jax.data.imagenet import ImageNetSource
 
         return ImageNetSource(config, **kwargs)
+    if name == "ucf101":
+        from dydit_jax.data.ucf101 import Ucf101Source
+
+        return Ucf101Source(config, **kwargs)
+    if name == "video_folder":
+        from dydit_jax.data.video_folder import VideoFolderSource
+
+        return VideoFolderSource(config, **kwargs)
     if name == "latents":
         from dydit_jax.data.latents import LatentSource
 
@@ -67,6 +78,7 @@ def create_source(
 
 __all__ = [
     "SOURCES",
+    "VIDEO_SOURCES",
     "DataSource",
     "EpochSampler",
     "LatentShards",

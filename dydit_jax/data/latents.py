@@ -3,11 +3,12 @@
 On-disk format (``FORMAT``, written by :func:`write_latent_shards`)::
 
     <path>/latents-00000.npz   np.savez (uncompressed) with
-                                 latents: float32 [n, h, w, c]  (NHWC; c = 4 for SD VAEs)
+                                 latents: float32 [n, h, w, c]  (NHWC; c = 4 for SD VAEs),
+                                          or [n, F, h, w, c] for clips of F frames
                                  labels:  int32   [n]
     <path>/latents-00001.npz   ... all shards hold `shard_size` examples but the last
     <path>/meta.json           {"format": "dydit-latents-v1", "num_examples": N,
-                                "shape": [h, w, c], "dtype": "float32",
+                                "shape": [h, w, c] or [F, h, w, c], "dtype": "float32",
                                 "shards": [{"file": "latents-00000.npz", "num_examples": n}, ...],
                                 "metadata": {...}}   # free-form, e.g. vae name, scale_factor
 
@@ -22,9 +23,9 @@ contiguous ``.npy`` data inside the zip), so only the rows of each batch are rea
 compressed shards (``np.savez_compressed``) also work but are loaded whole.
 
 Config keys: ``path`` (required), ``latent_flip`` (default False: flip the W axis
-per example, keyed by seed/epoch/index), ``num_workers`` (threads gathering
-batches ahead, default 1), ``prefetch`` (batches in flight, default 2),
-``seed``, ``shuffle``.
+per example, every frame of a clip alike, keyed by seed/epoch/index),
+``num_workers`` (threads gathering batches ahead, default 1), ``prefetch`` (batches
+in flight, default 2), ``seed``, ``shuffle``.
 """
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def _as_pairs(item: Any) -> tuple[np.ndarray, np.ndarray]:
     lab = np.asarray(lab)
     if lat.ndim == 3:  # a single example
         lat, lab = lat[None], lab.reshape(1)
-    if lat.ndim != 4:
-        raise ValueError(f"latents must be [n, h, w, c] (or [h, w, c]), got shape {lat.shape}")
+    if lat.ndim not in (4, 5):
+        raise ValueError(f"latents must be [n, h, w, c], clips [n, F, h, w, c] (or one image "
+                         f"[h, w, c]), got shape {lat.shape}")
     lab = lab.reshape(-1)
     if lab.shape[0] != lat.shape[0]:
         raise ValueError(f"got {lat.shape[0]} latents but {lab.shape[0]} labels")
@@ -72,7 +74,8 @@ def write_latent_shards(
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write ``(latents [n, h, w, c], labels [n])`` batches as a latent dataset.
+    """Write ``(latents [n, h, w, c] or [n, F, h, w, c], labels [n])`` batches as a latent
+    dataset.
 
     ``latents_iter`` yields ``(latents, labels)`` tuples or ``{"latents", "labels"}``
     dicts; ``n`` may vary between items (``[h, w, c]`` with a scalar label is one
@@ -219,8 +222,9 @@ class LatentShards:
             fp = os.path.join(path, name)
             lshape, ldtype, offset = _npz_member_info(fp, "latents")
             bshape, bdtype, _ = _npz_member_info(fp, "labels")
-            if len(lshape) != 4:
-                raise ValueError(f"latent shard {fp}: latents must be [n, h, w, c], got {lshape}")
+            if len(lshape) not in (4, 5):
+                raise ValueError(f"latent shard {fp}: latents must be [n, h, w, c] or clips "
+                                 f"[n, F, h, w, c], got {lshape}")
             if shape is None:
                 shape, first = tuple(lshape[1:]), name
             elif tuple(lshape[1:]) != shape:
@@ -252,7 +256,7 @@ class LatentShards:
             counts.append(int(lshape[0]))
         if self.meta and self.meta.get("shape") and tuple(self.meta["shape"]) != shape:
             raise ValueError(f"{meta_path}: shape {self.meta['shape']} != shards' {shape}")
-        self.shape: tuple[int, int, int] = shape
+        self.shape: tuple[int, ...] = shape   # [h, w, c] or [F, h, w, c]
         self.labels = np.concatenate(labels)
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.files = files
@@ -261,7 +265,7 @@ class LatentShards:
         return int(self._starts[-1])
 
     def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(float32 [len(indices), h, w, c], int32 [len(indices)])`` in the given order."""
+        """``(float32 [len(indices), *shape], int32 [len(indices)])`` in the given order."""
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError("latent index out of range")
@@ -305,5 +309,5 @@ class LatentSource(base.DataSource):
         lat, lab = self.shards.gather(indices)
         if self.latent_flip:
             flip = base.flip_mask(seed, epoch, indices)
-            lat[flip] = lat[flip, :, ::-1]
+            lat[flip] = lat[flip][..., ::-1, :]
         return {"image": lat, "label": lab}

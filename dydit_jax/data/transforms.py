@@ -32,6 +32,24 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     return np.array(pixels[top:top + image_size, left:left + image_size])
 
 
+def resize_short_center_crop(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """Latte's ``UCFCenterCropVideo`` for one frame: a bilinear resize that makes the short
+    side ``image_size`` (long side ``floor(L * image_size / short)``), then the central
+    ``image_size x image_size`` crop (offsets rounded as torchvision's ``center_crop``).
+    PIL's bilinear filter widens its support when shrinking (anti-aliased; torch's
+    ``interpolate`` in Latte does not), so strong downscaling differs slightly from Latte's.
+    Returns ``uint8 [image_size, image_size, C]``."""
+    if isinstance(pil_image, np.ndarray):
+        pil_image = Image.fromarray(pil_image)
+    width, height = pil_image.size
+    short = min(width, height)
+    size = (width * image_size // short, height * image_size // short)
+    pixels = np.asarray(pil_image.resize(size, resample=Image.BILINEAR))
+    top = int(round((pixels.shape[0] - image_size) / 2))
+    left = int(round((pixels.shape[1] - image_size) / 2))
+    return np.array(pixels[top:top + image_size, left:left + image_size])
+
+
 def to_pil_rgb(image) -> Image.Image:
     """Encoded bytes (JPEG/PNG...), a PIL image or a uint8 array -> RGB PIL image."""
     if isinstance(image, (bytes, bytearray, memoryview)):

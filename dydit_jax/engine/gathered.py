@@ -63,20 +63,31 @@ def split_params(model, variables):
 
 
 def stacked_blocks(model, variables):
-    """Block parameters stacked on a leading depth axis (scan_layers' own tree, no copy)."""
+    """Block parameters stacked on a leading depth axis (scan_layers' own tree, no copy).
+
+    A model whose blocks come in cycles of several kinds (`model.block_kinds`, a Latte's
+    spatial + temporal pair) gets a tuple: per kind, its blocks stacked ([L / kinds, ...]),
+    since the kinds' trees may differ (a block without a token router)."""
     params = variables["params"] if "params" in variables else variables
     if model.scan_layers:
         return params["blocks"]
-    return jax.tree_util.tree_map(lambda *a: jnp.stack(a),
-                                  *(params[f"blocks_{i}"] for i in range(model.depth)))
+    cycle = len(model.block_kinds)
+
+    def stack(indices):
+        return jax.tree_util.tree_map(lambda *a: jnp.stack(a),
+                                      *(params[f"blocks_{i}"] for i in indices))
+    if cycle == 1:
+        return stack(range(model.depth))
+    return tuple(stack(range(p, model.depth, cycle)) for p in range(cycle))
 
 
-def block_module(model) -> DiTBlock:
-    """A standalone DiTBlock with the model's block arguments (applied to one block's params)."""
+def block_module(model, index: int = 0) -> DiTBlock:
+    """A standalone DiTBlock with the arguments of the model's block `index` (applied to one
+    block's params; blocks differ only in whether they have a token router)."""
     return DiTBlock(hidden_size=model.hidden_size, num_heads=model.num_heads,
                     mlp_ratio=model.mlp_ratio, dynamic=True,
-                    dynamic_tokens=model.dynamic_tokens, numerics=model.numerics,
-                    dtype=model.dtype, param_dtype=model.param_dtype)
+                    dynamic_tokens=model.block_has_token_router(index),
+                    numerics=model.numerics, dtype=model.dtype, param_dtype=model.param_dtype)
 
 
 def mlp_norm(model, x):
@@ -234,15 +245,18 @@ def _switch(index, branches, *operands):
 
 
 def block_forward(model, bp, x, c, width: Width, head_sizes: Sequence[int],
-                  group_sizes: Sequence[int], capacities: Sequence[float]):
+                  group_sizes: Sequence[int], capacities: Sequence[float], index: int = 0):
     """One dynamic block, gathered. Returns (x [B, N, D], kept tokens (int32 scalar)).
 
-    width: this block's `Buckets.arrays()` entries (head_order [H], head_count, head_bucket,
-    group_order, group_count, group_bucket). head_sizes / group_sizes: the static widths that
-    head_bucket / group_bucket index; a single size runs without `lax.switch` (its bucket
-    entry is then ignored). capacities: token capacity fractions of the local B*N rows.
+    x: the rows the block attends within, c their conditioning [B, D] (a Latte's block: rows
+    (b f) or (b n), c repeated per row). width: this block's `Buckets.arrays()` entries
+    (head_order [H], head_count, head_bucket, group_order, group_count, group_bucket).
+    head_sizes / group_sizes: the static widths that head_bucket / group_bucket index; a
+    single size runs without `lax.switch` (its bucket entry is then ignored). capacities:
+    token capacity fractions of the local B*N rows. index: the block's (or its kind's) index,
+    for `model.block_has_token_router`.
     """
-    blk = block_module(model)
+    blk = block_module(model, index)
     mod = blk.apply({"params": bp}, c, method=lambda m, c: m.adaLN_modulation(nn.silu(c)))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
 
@@ -252,7 +266,7 @@ def block_forward(model, bp, x, c, width: Width, head_sizes: Sequence[int],
                                         width["head_order"], width["head_count"])
 
     order, count = width["group_order"], width["group_count"]
-    if not model.dynamic_tokens:
+    if not model.block_has_token_router(index):
         mlp = [functools.partial(gathered_mlp, model, k=k) for k in group_sizes]
         h = modulate(mlp_norm(model, x), shift_mlp, scale_mlp)
         update = _switch(width["group_bucket"], mlp, bp["mlp"], h, order, count)
@@ -274,11 +288,39 @@ def block_forward(model, bp, x, c, width: Width, head_sizes: Sequence[int],
 
 def blocks_forward(model, blocks, x, c, widths: Width, sizes, capacities):
     """All blocks as one `lax.scan` over stacked block params and per-block width arrays
-    (leading depth axis). Returns (x, kept [L])."""
-    def body(x, layer):
-        bp, width = layer
-        return block_forward(model, bp, x, c, width, sizes, sizes, capacities)
-    return lax.scan(body, x, (blocks, widths))
+    (leading depth axis). Returns (x, kept [L]).
+
+    A model with several block kinds (`model.block_kinds`: a Latte's spatial, temporal) scans
+    over cycles of blocks: `blocks` holds one stacked tree per kind (`stacked_blocks`) and
+    each cycle regroups the tokens for each of its blocks (`model.to_block_rows`, the
+    conditioning repeated per row) and runs `model.after_block` after each, as the model's
+    own `run_blocks` does. The tokens between blocks stay in the model's canonical layout."""
+    kinds = model.block_kinds
+    if len(kinds) == 1:
+        def body(x, layer):
+            bp, width = layer
+            return block_forward(model, bp, x, c, width, sizes, sizes, capacities)
+        return lax.scan(body, x, (blocks, widths))
+
+    cycle, batch = len(kinds), c.shape[0]
+    widths = jax.tree_util.tree_map(lambda a: a.reshape((-1, cycle) + a.shape[1:]), widths)
+
+    def cycle_body(x, layer):
+        j, bps, width = layer
+        kept = []
+        for p, kind in enumerate(kinds):
+            rows = model.to_block_rows(x, kind, batch)
+            c_rows = jnp.repeat(c, rows.shape[0] // batch, axis=0)
+            rows, k = block_forward(model, bps[p], rows, c_rows,
+                                    jax.tree_util.tree_map(lambda a: a[p], width), sizes,
+                                    sizes, capacities, index=p)
+            x = model.after_block(model.from_block_rows(rows, kind, batch), j * cycle + p,
+                                  batch)
+            kept.append(k)
+        return x, jnp.stack(kept)
+    steps = jnp.arange(model.depth // cycle, dtype=jnp.int32)
+    x, kept = lax.scan(cycle_body, x, (steps, tuple(blocks), widths))
+    return x, kept.reshape(-1)
 
 
 def forward(model, rest, blocks, x, t, y, widths: Width, sizes, capacities,

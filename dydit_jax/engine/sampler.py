@@ -89,7 +89,8 @@ def enable_persistent_cache(directory: Union[str, os.PathLike]) -> None:
 class Engine:
     """Dynamic-width sampler of one (model, parameters, schedule, sampler).
 
-    :param model: a dynamic DiT (`DiT(..., dynamic=True)`; `dynamic_tokens` on or off).
+    :param model: a dynamic DiT (`DiT(..., dynamic=True)`; `dynamic_tokens` on or off) or
+        a dynamic Latte (clips [B, F, H, W, C]; fused executor).
     :param variables: its variables `{"params": ...}` (or the bare params).
     :param diffusion: the sampler's diffusion (`create_diffusion("250")`, `"ddim50"`, ...).
     :param sampler: "ddpm" (`p_sample`) or "ddim" (`ddim_sample` with `eta`).
@@ -145,6 +146,10 @@ class Engine:
         if has_adapters(variables["params"]) and peft is None:
             raise ValueError("these variables hold LoRA adapters: pass peft=<their LoraSpec> "
                              "(or merge them first with peft.merge_params)")
+        if executor == "blocks" and len(model.block_kinds) > 1:
+            raise ValueError(f"the blocks executor runs models whose blocks all group tokens "
+                             f"alike; {type(model).__name__}'s blocks are {model.block_kinds}: "
+                             f"use executor='fused'")
         if peft is not None and executor != "fused":
             raise ValueError("adapters are merged per step inside the fused executor: use "
                              "executor='fused' with peft")
@@ -454,7 +459,7 @@ class Engine:
         if not return_stats:
             return x0
         kept = np.asarray(jax.device_get(kept))
-        frac = kept / float(self._rows(b) * self.model.num_patches)
+        frac = kept / float(self._rows(b) * self.model.tokens_per_sample)
         return x0, {"kept_tokens": kept, "token_fraction": frac}
 
     def _run_fused_sample(self, rng, labels, cfg_scale):
@@ -482,21 +487,38 @@ class Engine:
 
     # -- cost ------------------------------------------------------------------------------
 
+    def _token_avals(self):
+        """One sample's tokens in the canonical layout ([1, N, D]; a Latte clip [F, N, D]) and
+        its conditioning [1, D], as abstract values."""
+        model = self.model
+        frames = model.tokens_per_sample // model.num_patches
+        return (jax.ShapeDtypeStruct((frames, model.num_patches, model.hidden_size),
+                                     model.dtype),
+                jax.ShapeDtypeStruct((1, model.hidden_size), model.dtype))
+
     def bucket_macs(self) -> Dict[Tuple[int, int], int]:
         """MACs per sample of one gathered block of every bucket signature (head width,
         group width) the plan uses, counted by `flops.jaxpr_macs` from the block's jaxpr (the
-        capacity switch counts its largest branch: all tokens run the MLP)."""
+        capacity switch counts its largest branch: all tokens run the MLP). A model with
+        several block kinds (Latte) is keyed (kind index, head width, group width)."""
         model = self.model
-        bp = (jax.tree_util.tree_map(lambda a: a[0], self._blocks)
-              if self.executor == "fused" else self._blocks[0])
-        tokens = jax.ShapeDtypeStruct((1, model.num_patches, model.hidden_size), model.dtype)
-        c = jax.ShapeDtypeStruct((1, model.hidden_size), model.dtype)
+        kinds = model.block_kinds
+        blocks = self._blocks if isinstance(self._blocks, tuple) else (self._blocks,)
+        tokens, c = self._token_avals()
         width = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0, 0]), self.buckets.arrays())
         out = {}
-        for kh, kg in self.buckets.block_signatures():
-            fn = functools.partial(gathered.block_forward, model, head_sizes=(kh,),
-                                   group_sizes=(kg,), capacities=self.capacities)
-            out[(kh, kg)] = flops.jaxpr_macs(lambda bp, x, c: fn(bp, x, c, width), bp, tokens, c)
+        for p, kind in enumerate(kinds):
+            bp = (jax.tree_util.tree_map(lambda a: a[0], blocks[p])
+                  if self.executor == "fused" else self._blocks[0])
+            rows = jax.eval_shape(lambda x: model.to_block_rows(x, kind, 1), tokens)
+            c_rows = jax.ShapeDtypeStruct((rows.shape[0], model.hidden_size), model.dtype)
+            for kh, kg in self.buckets.block_signatures():
+                fn = functools.partial(gathered.block_forward, model, head_sizes=(kh,),
+                                       group_sizes=(kg,), capacities=self.capacities,
+                                       index=p)
+                macs = flops.jaxpr_macs(lambda bp, x, c: fn(bp, x, c, width), bp, rows,
+                                        c_rows)
+                out[(kh, kg) if len(kinds) == 1 else (p, kh, kg)] = macs
         return out
 
     def step_macs(self) -> np.ndarray:
@@ -507,15 +529,20 @@ class Engine:
         model = self.model
         x = jax.ShapeDtypeStruct((1,) + self.latent_shape, jnp.float32)
         i1 = jax.ShapeDtypeStruct((1,), jnp.int32)
-        tokens = jax.ShapeDtypeStruct((1, model.num_patches, model.hidden_size), model.dtype)
-        c = jax.ShapeDtypeStruct((1, model.hidden_size), model.dtype)
+        tokens, c = self._token_avals()
         outer = (flops.jaxpr_macs(lambda x, t, y: gathered.embed(model, self._rest, x, t, y),
                                   x, i1, i1)
                  + flops.jaxpr_macs(lambda tk, c: gathered.final(model, self._rest, tk, c),
                                     tokens, c))
         per_bucket = self.bucket_macs()
         heads, groups = self.buckets.head_width, self.buckets.group_width
-        blocks = np.vectorize(lambda h, g: per_bucket[(int(h), int(g))])(heads, groups)
+        cycle = len(model.block_kinds)
+        if cycle == 1:
+            blocks = np.vectorize(lambda h, g: per_bucket[(int(h), int(g))])(heads, groups)
+        else:
+            kind = np.broadcast_to(np.arange(heads.shape[-1]) % cycle, heads.shape)
+            blocks = np.vectorize(lambda p, h, g: per_bucket[(int(p), int(h), int(g))])(
+                kind, heads, groups)
         return outer + blocks.sum(-1)
 
 

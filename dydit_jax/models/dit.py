@@ -562,6 +562,41 @@ class DiT(nn.Module):
         gh, gw = self.grid_size
         return gh * gw
 
+    # -- how blocks group the tokens: one interface for DiT and video families (the engine,
+    # the FLOPs counter and the DyDiT loss read it; `Latte` overrides it) --
+
+    @property
+    def block_kinds(self) -> Tuple[str, ...]:
+        """The kinds of one cycle of blocks (block i is `block_kinds[i % len]`): a DiT's
+        blocks all attend over the N tokens of a sample."""
+        return ("spatial",)
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the model takes labels y (callers pass None to one that does not)."""
+        return True
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Tokens of one sample that run through every block (N)."""
+        return self.num_patches
+
+    def block_has_token_router(self, i: int) -> bool:
+        """Whether dynamic block i has an SDT token router."""
+        return bool(self.dynamic_tokens)
+
+    def to_block_rows(self, x, kind: str, batch: int):
+        """Tokens [B, N, D] -> the rows a block of `kind` attends within (a DiT: as they are)."""
+        return x
+
+    def from_block_rows(self, x, kind: str, batch: int):
+        """The inverse of `to_block_rows`."""
+        return x
+
+    def after_block(self, x, index, batch: int):
+        """What runs between block `index` and the next (a DiT: nothing)."""
+        return x
+
     def pos_embed(self):
         """Fixed [1, N, D] sin-cos table, rounded through float32 as the release stores it."""
         table = get_2d_sincos_pos_embed(self.hidden_size, self.grid_size).astype(np.float32)
@@ -579,12 +614,14 @@ class DiT(nn.Module):
                                         self.class_dropout_prob, **kw)
         block_kw = dict(hidden_size=self.hidden_size, num_heads=self.num_heads,
                         mlp_ratio=self.mlp_ratio, dynamic=self.dynamic,
-                        dynamic_tokens=self.dynamic_tokens, numerics=self.numerics, **kw)
+                        numerics=self.numerics, **kw)
         if self.scan_layers:
             # One block whose parameters `run_blocks` stacks along a leading depth axis.
-            self.blocks = DiTBlock(**block_kw, name="blocks")
+            self.blocks = DiTBlock(**block_kw, dynamic_tokens=self.dynamic_tokens,
+                                   name="blocks")
         else:
-            self.blocks = [DiTBlock(**block_kw, name=f"blocks_{i}") for i in range(self.depth)]
+            self.blocks = [DiTBlock(**block_kw, dynamic_tokens=self.block_has_token_router(i),
+                                    name=f"blocks_{i}") for i in range(self.depth)]
         self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, **kw)
 
     def run_blocks(self, x, c, t_emb, train=False, complete=True, gumbel_noise=None):

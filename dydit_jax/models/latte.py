@@ -14,6 +14,20 @@ the fixed `temp_embed` table, loaded by `dydit_jax.convert.from_pytorch`). What 
   the final layer, and per position for the temporal blocks;
 - `forward_with_cfg` guides all 4 eps channels (the release's `[:, :, :4]`), not DiT's 3.
 The release's `extras=78` (a projected text embedding) is not implemented.
+
+Dynamic Latte (`dynamic=True`, DyDiT++ on video). Where the routers go is not published; we
+chose, for every block, spatial and temporal alike, what a DiT block has:
+- TDW: the head and MLP-group routers read the timestep embedding t_emb [B, D] of the clip, so
+  every frame (spatial block) and every position (temporal block) of a clip runs the same heads
+  and groups at a given t, and the width plan of a sampling run is known ahead as for DiT
+  (train-mode Gumbel noise is drawn per clip and repeated over its rows);
+- SDT: the token router reads each token of the residual stream after attention (the same
+  token in either grouping), and a skipped token skips the block's MLP. `token_blocks` says
+  which blocks have a token router: "both" (default: SDT is per token and the MLP does not care
+  how tokens were grouped for attention), "spatial" or "temporal" (the others run every token
+  through the MLP).
+The aux masks are per clip: head/group masks [B, L, H], token masks [B, L, F*N] in (frame,
+position) order whatever the block's grouping (all ones in blocks without a token router).
 """
 from __future__ import annotations
 
@@ -27,6 +41,8 @@ from dydit_jax.models.dit import (DiT, _float_dtype, _get_1d_sincos, _pair, guid
                                   make_presets, materialize_gradient)
 
 EXTRAS = (1, 2)   # 1: unconditional, 2: class-conditional (the release's names)
+BLOCK_KINDS = ("spatial", "temporal")   # block i is BLOCK_KINDS[i % 2]
+TOKEN_BLOCKS = ("both", "spatial", "temporal")   # where dynamic Latte has token routers
 
 
 def get_1d_sincos_temp_embed(embed_dim: int, length: int) -> np.ndarray:
@@ -46,6 +62,7 @@ class Latte(DiT):
     """
     num_frames: int = 16
     extras: int = 1
+    token_blocks: str = "both"
 
     def setup(self):
         if self.extras not in EXTRAS:
@@ -56,9 +73,45 @@ class Latte(DiT):
                              f"(spatial, temporal) pairs")
         if self.scan_layers:
             raise NotImplementedError("Latte with scan_layers is not implemented yet")
-        if self.dynamic:
-            raise NotImplementedError("dynamic Latte is not implemented yet")
+        if self.token_blocks not in TOKEN_BLOCKS:
+            raise ValueError(f"Latte token_blocks={self.token_blocks!r}; valid: {TOKEN_BLOCKS}")
         super().setup()   # the label table of extras=1 is never called, so it has no params
+
+    # -- how blocks group the clip's tokens (the engine and the FLOPs counter read these) --
+
+    @property
+    def block_kinds(self):
+        """The kinds of one cycle of blocks: block i is `block_kinds[i % 2]`."""
+        return BLOCK_KINDS
+
+    @property
+    def conditional(self) -> bool:
+        """extras=2 takes class labels; the unconditional model (extras=1) is called without."""
+        return self.extras == 2
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Tokens of one clip: F * N."""
+        return self.num_frames * self.num_patches
+
+    def block_has_token_router(self, i: int) -> bool:
+        """SDT in block i: `dynamic_tokens` and the block's kind is in `token_blocks`."""
+        return bool(self.dynamic_tokens) and self.token_blocks in ("both", BLOCK_KINDS[i % 2])
+
+    def to_block_rows(self, x, kind: str, batch: int):
+        """Tokens [(b f), N, D] -> the rows block `kind` attends within."""
+        return x if kind == "spatial" else to_temporal(x, batch)
+
+    def from_block_rows(self, x, kind: str, batch: int):
+        return x if kind == "spatial" else to_spatial(x, batch)
+
+    def after_block(self, x, index, batch: int):
+        """What runs between blocks, on tokens [(b f), N, D]: the frame table after block 0.
+        `index` may be traced (the engine's scan); the other blocks leave x as it is."""
+        table = self.temp_embed().astype(x.dtype)[0]                  # [F, D]
+        f = table.shape[0]
+        added = (x.reshape((batch, f) + x.shape[1:]) + table[None, :, None]).reshape(x.shape)
+        return jnp.where(jnp.asarray(index) == 0, added, x)
 
     def temp_embed(self):
         """Fixed [1, F, D] frame table, rounded through float32 as the release stores it."""
@@ -77,29 +130,85 @@ class Latte(DiT):
         return tokens, c, t_emb
 
     def run_blocks(self, x, c, t_emb, train=False, complete=True, gumbel_noise=None):
-        """The alternating stack on tokens [(B F), N, D]. Returns (x [(B F), N, D], {})."""
-        b, n, d = c.shape[0], x.shape[1], x.shape[2]
-        f = x.shape[0] // b
-        c_spatial = jnp.repeat(c, f, axis=0)   # rows (b f)
-        c_temporal = jnp.repeat(c, n, axis=0)  # rows (b n)
+        """The alternating stack on tokens [(B F), N, D]. Returns (x [(B F), N, D], aux): aux
+        {} for the static path, else the per-clip masks and logits stacked to [B, L, ...]
+        (see the module docstring)."""
+        b = c.shape[0]
+        dynamic = self.dynamic and not complete
+        noise = self._gumbel_noise(gumbel_noise, b) if dynamic and train else None
 
-        def body(block, x, c):
-            return block(x, c, t_emb, None, train=train, complete=True)[0]
+        def body(block, x, c, t_emb, noise_l):
+            return block(x, c, t_emb, noise_l, train=train, complete=not dynamic)
 
         if self.remat:
             import flax.linen as nn
             from dydit_jax.models.dit import remat_policy
             body = nn.remat(body, prevent_cse=True, policy=remat_policy(self.remat_policy))
-        for i in range(0, self.depth, 2):
-            x = materialize_gradient(x)
-            x = body(self.blocks[i], x, c_spatial)
-            x = to_temporal(x, b)
+        per_layer = []
+        for i in range(self.depth):
+            kind = BLOCK_KINDS[i % 2]
+            rows = self.to_block_rows(materialize_gradient(x), kind, b)
+            rep = rows.shape[0] // b
+            noise_l = None if noise is None else {
+                k: tuple(self._per_row(g[:, i], k, kind, b) for g in pair)
+                for k, pair in noise.items()
+                if k != "token" or self.block_has_token_router(i)}
+            rows, aux_l = body(self.blocks[i], rows, jnp.repeat(c, rep, axis=0),
+                               jnp.repeat(t_emb, rep, axis=0), noise_l)
+            x = self.from_block_rows(rows, kind, b)
             if i == 0:
-                x = x + self.temp_embed().astype(x.dtype)
-            x = materialize_gradient(x)
-            x = body(self.blocks[i + 1], x, c_temporal)
-            x = to_spatial(x, b)
-        return x, {}
+                x = self.after_block(x, 0, b)
+            if dynamic:
+                per_layer.append(self._clip_aux(aux_l, i, kind, b, rep))
+        if not dynamic:
+            return x, {}
+        aux = jax.tree_util.tree_map(lambda *a: jnp.stack(a, axis=1), *per_layer)
+        return x, aux
+
+    def _gumbel_noise(self, given, batch: int):
+        """Train-mode Gumbel draws {"head"|"group"|"token": (g1, g2)}, each [B, L, ...]: the
+        given ones, the missing ones drawn here, per clip ("head", "group": [B, L, H-1]) and
+        per token ("token": [B, L, F*N]), from the "gumbel" rng stream."""
+        given = dict(given or {})
+        shapes = {"head": self.num_heads - 1, "group": self.num_heads - 1}
+        if self.dynamic_tokens:
+            shapes["token"] = self.tokens_per_sample
+        for k, size in shapes.items():
+            if k not in given:
+                g = jax.random.gumbel(self.make_rng("gumbel"), (2, batch, self.depth, size),
+                                      jnp.float32)
+                given[k] = (g[0], g[1])
+        return given
+
+    def _per_row(self, g, name: str, kind: str, batch: int):
+        """One block's per-clip draw [B, ...] -> the block's rows: width noise repeated over
+        the clip's rows, token noise [B, F*N] regrouped like the tokens."""
+        f, n = self.num_frames, self.num_patches
+        if name != "token":
+            return jnp.repeat(g, f if kind == "spatial" else n, axis=0)
+        g = g.reshape(batch, f, n)
+        if kind == "temporal":
+            g = g.transpose(0, 2, 1)
+        return g.reshape(-1, g.shape[-1])
+
+    def _clip_aux(self, aux, i: int, kind: str, batch: int, rep: int):
+        """A block's aux over its rows -> per clip: width masks/logits [B, ...] (every row of
+        a clip holds the same), token masks/logits [B, F*N] in (frame, position) order."""
+        out = {k: aux[k][::rep] for k in ("head_masks", "head_logits", "group_masks",
+                                          "group_logits")}
+        if not self.dynamic_tokens:
+            return out
+        f, n = self.num_frames, self.num_patches
+        if self.block_has_token_router(i):
+            for k in ("token_masks", "token_logits"):
+                v = aux[k].reshape(batch, -1, aux[k].shape[-1])      # [B, F, N] or [B, N, F]
+                if kind == "temporal":
+                    v = v.transpose(0, 2, 1)
+                out[k] = v.reshape(batch, f * n)
+        else:   # every token runs the MLP
+            out["token_masks"] = jnp.ones((batch, f * n), out["head_masks"].dtype)
+            out["token_logits"] = jnp.full((batch, f * n), jnp.inf, jnp.float32)
+        return out
 
     def head(self, tokens, c):
         """tokens [(B F), N, D], c [B, D] -> [B, F, H, W, C_out] (float32 or float64)."""
@@ -112,8 +221,13 @@ class Latte(DiT):
                  complete: bool = False, gumbel_noise=None):
         self._check_inputs(x, t, y)
         tokens, c, t_emb = self.embed(x, t, y, train=train, force_drop_ids=force_drop_ids)
-        tokens, _ = self.run_blocks(tokens, c, t_emb, train=train)
-        return self.head(tokens, c)
+        complete = complete or not self.dynamic
+        tokens, aux = self.run_blocks(tokens, c, t_emb, train=train, complete=complete,
+                                      gumbel_noise=gumbel_noise)
+        out = self.head(tokens, c)
+        if not self.dynamic:
+            return out
+        return out, (None if complete else aux)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Optional[int] = 4,
                          complete: bool = False):
@@ -123,8 +237,10 @@ class Latte(DiT):
         from each row's own output. `cfg_scale` may be traced."""
         half = x[: x.shape[0] // 2]
         out = self(jnp.concatenate([half, half], axis=0), t, y, complete=complete)
+        out, aux = out if self.dynamic else (out, None)
         guided, rest = guide(out, cfg_scale, self.in_channels, guide_channels)
-        return jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
+        out = jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
+        return (out, aux) if self.dynamic else out
 
     def dummy_inputs(self, batch: int = 1, dtype=jnp.float32):
         """Zero inputs of the model's shapes (init, shape inference)."""
