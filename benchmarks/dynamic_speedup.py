@@ -1,11 +1,15 @@
 """Dynamic inference speedup: static DiT vs masked DyDiT vs the gathered engine, side by side.
 
+`--family latte` runs it for video (DyDiT++): a dynamic Latte of the same size (`Latte-S/2` for
+`DiT-S/2`) on clips of `--frames` latent frames of `--input-size`^2 (static = the static Latte
+path), width rows only (token rows are DiT-only); results go to dynamic_speedup_latte.json.
 `--family sit` runs the same comparison for flow matching (DyDiT++): a dynamic SiT sampled with
 a fixed-grid ODE (`--method`, default Euler; `--steps` solver steps, CFG as the SiT release),
 static/masked = `make_flow_sample_fn(..., complete=True/False)`, engine = `FlowEngine`; router
 calibration then runs on the solver's times (`engine.solver_times`) instead of DDIM timesteps.
 
-One process, one model per (config, dtype), random weights (latent 32x32x4, 1000 classes).
+One process, one model per (config, dtype), random weights (latent `--input-size`^2 x 4,
+default 32x32x4; 1000 classes).
 For every batch size, interleaved rounds time, in order:
   static  - `make_sample_fn(model, ..., complete=True)`: the plain DiT path (routers unused);
   masked  - `make_sample_fn(model, ..., complete=False)`: DyDiT as the release runs it (full
@@ -99,7 +103,7 @@ from dydit_jax.engine import Engine, FlowEngine, WidthPlan, solver_times  # noqa
 from dydit_jax.engine import gathered  # noqa: E402
 from dydit_jax.engine.sampler import DEFAULT_CAPACITIES  # noqa: E402
 from dydit_jax.engine.plan import schedule_timesteps  # noqa: E402
-from dydit_jax.models import DiT_models  # noqa: E402
+from dydit_jax.models import DiT_models, Latte_models  # noqa: E402
 from dydit_jax.models.dit import DiT  # noqa: E402
 from dydit_jax.models.sit import SiT_models  # noqa: E402
 from dydit_jax.sampling import make_flow_sample_fn, make_flow_solver, make_sample_fn  # noqa
@@ -233,17 +237,25 @@ def timed(fn):
 def run_config(args, name, dtype_name, results, out_path, meta):
     dtype = DTYPES[dtype_name]
     flow = args.family == "sit"
-    presets = SiT_models if flow else DiT_models
-    name = name.replace("DiT", "SiT") if flow else name
-    model = presets[name](num_classes=1000, input_size=32, dynamic=True, dtype=dtype)
+    video = args.family == "latte"
+    if video:
+        name = name.replace("DiT", "Latte")
+        model = Latte_models[name](num_classes=1000, input_size=args.input_size,
+                                   num_frames=args.frames, extras=2, dynamic=True, dtype=dtype)
+    else:
+        presets = SiT_models if flow else DiT_models
+        name = name.replace("DiT", "SiT") if flow else name
+        model = presets[name](num_classes=1000, input_size=args.input_size, dynamic=True,
+                              dtype=dtype)
+    latent = tuple(model.dummy_inputs(1)[0].shape[1:])
     if flow:  # the solver's times are the schedule; num_steps counts grid points
         transport = create_transport("Linear", "velocity")
         flow_kw = dict(sampler="ode", method=args.method, num_steps=args.steps + 1)
-        schedule = solver_times(make_flow_solver(transport, **flow_kw), (32, 32, 4), False)[0]
+        schedule = solver_times(make_flow_solver(transport, **flow_kw), latent, False)[0]
     else:
         schedule = create_diffusion(f"ddim{args.steps}")
     rng = jax.random.PRNGKey(0)
-    x = jnp.zeros((1, 32, 32, 4), jnp.float32)
+    x = jnp.zeros((1,) + latent, jnp.float32)
     t = jnp.zeros((1,), jnp.float32 if flow else jnp.int32)
     variables = jax.jit(model.init)(jax.random.PRNGKey(args.seed), x, t,
                                     jnp.zeros((1,), jnp.int32))
@@ -260,9 +272,9 @@ def run_config(args, name, dtype_name, results, out_path, meta):
 
     # Token rows: (width plan, keep) -> calibrated variables (DiT family only).
     token_rows = {}
-    if args.token_keep and flow:
-        print(f"[{name} {dtype_name}] token rows skipped: --family sit (FlowEngine.sample "
-              "returns no token statistics)", flush=True)
+    if args.token_keep and (flow or video):
+        print(f"[{name} {dtype_name}] token rows skipped: --family {args.family} (calibrated "
+              "token rows are DiT-only)", flush=True)
     elif args.token_keep:
         for w in args.token_widths:
             if w not in plans:
@@ -340,7 +352,7 @@ def run_config(args, name, dtype_name, results, out_path, meta):
             eng = var["engine"]
             _, st = eng.sample(rng, labels, CFG_SCALE, return_stats=True)
             kept = np.asarray(st["kept_tokens"], np.float64)             # [S, L], 2B rows
-            rows, n = 2 * b, model.num_patches
+            rows, n = 2 * b, model.tokens_per_sample
             caps = np.asarray(gathered.token_capacities(eng.capacities, rows * n))
             ran = caps[np.searchsorted(caps, kept)]                      # slots that ran
             frac = kept / (rows * n)
@@ -458,11 +470,13 @@ def main():
                     help="target whole-model MACs ratios, percent")
     ap.add_argument("--executors", nargs="+", default=["fused"], choices=["fused", "blocks"])
     ap.add_argument("--grid", default="exact", help='"exact" (default) only')
-    ap.add_argument("--family", default="dit", choices=["dit", "sit"],
+    ap.add_argument("--family", default="dit", choices=["dit", "sit", "latte"],
                     help="dit: DDIM on a DyDiT; sit: flow-matching ODE on a dynamic SiT")
     ap.add_argument("--method", default="euler",
                     help="--family sit: fixed-grid ODE method (euler, heun2, midpoint, rk4)")
     ap.add_argument("--steps", type=int, default=5, help="DDIM steps / ODE solver steps")
+    ap.add_argument("--input-size", type=int, default=32, help="latent side (32: 256 px)")
+    ap.add_argument("--frames", type=int, default=16, help="--family latte: frames per clip")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--token-keep", nargs="*", type=float, default=[0.7, 0.5],
@@ -482,15 +496,16 @@ def main():
         ap.error(f"--token-keep fractions must lie in (0, 1], got {args.token_keep}")
     if args.out is None:
         args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                "dynamic_speedup" + ("_sit" if args.family == "sit" else "")
-                                + ".json")
+                                "dynamic_speedup" + ("" if args.family == "dit"
+                                                     else "_" + args.family) + ".json")
     meta = dict(command="python " + " ".join(sys.argv),
                 date=datetime.datetime.utcnow().isoformat(timespec="seconds") + "Z",
                 environment=dict(jax=jax.__version__, backend=jax.default_backend(),
                                  devices=[str(d) for d in jax.devices()],
                                  cpu_count=os.cpu_count(), platform=platform.platform(),
                                  loadavg_start=os.getloadavg()),
-                cfg_scale=CFG_SCALE, family=args.family,
+                cfg_scale=CFG_SCALE, family=args.family, input_size=args.input_size,
+                frames=args.frames if args.family == "latte" else None,
                 sampler=f"ode-{args.method}" if args.family == "sit" else "ddim",
                 steps=args.steps, grid=args.grid, token_keep=args.token_keep,
                 token_widths=args.token_widths, token_capacities=args.token_capacities,

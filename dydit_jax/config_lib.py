@@ -199,14 +199,20 @@ def base_config() -> ml_collections.ConfigDict:
         adapters="",
     ))
 
-    # mode=evaluate (dydit_jax/evaluate.py): FID-50K etc. of the `sample.checkpoint` weights
-    # (sample.eta/guide_channels/clip_denoised/engine/use_ema apply; flow models use
-    # `transport`'s sampler). Defaults: the DiT paper's FID protocol (250 DDPM steps, CFG 1.5).
+    # mode=evaluate (dydit_jax/evaluate.py): FID-50K etc. of the `sample.checkpoint` weights,
+    # FVD (and per-frame FID) for video models (sample.eta/guide_channels/clip_denoised/
+    # engine/use_ema apply; flow models use `transport`'s sampler). Defaults: the DiT paper's
+    # FID protocol (250 DDPM steps, CFG 1.5).
     c.evaluate = ml_collections.ConfigDict(dict(
         vae_dir=opt_str(),       # diffusers AutoencoderKL folder (latent models; also extract)
-        inception_path=opt_str(),   # FID Inception weights (.npz, evaluation/inception.py)
-        reference_batch=opt_str(),  # ADM .npz (e.g. VIRTUAL_imagenet256_labeled.npz); None:
-                                    # a reference drawn from the training data source
+        inception_path=opt_str(),   # FID Inception weights (.npz, evaluation/inception.py);
+                                    # video models: per-frame FID when set
+        i3d_path=opt_str(),      # video models: FVD's Kinetics-400 I3D (.npz, evaluation/i3d.py)
+        reference_batch=opt_str(),  # ADM .npz (e.g. VIRTUAL_imagenet256_labeled.npz; video:
+                                    # arr_0 clips [N, F, H, W, 3]); None: a reference drawn
+                                    # from the data source (config.data)
+        num_reference=0,         # images/clips that reference draws from the data source (its
+                                 # epoch-0 order); 0: min(num_samples, 10,000)
         num_samples=50_000,
         batch_size=64,           # global sampling / Inception batch
         chunk_size=1_000,        # samples per resumable chunk (eval/chunk_NNNNN.npz)
@@ -260,16 +266,7 @@ def imagenet_config(model_name: str, arg: str | None) -> ml_collections.ConfigDi
         c.data.path = args.latents
     c.train.update(batch_size=args.batch, num_steps=args.steps, init_from=args.init)
     c.mesh.fsdp = args.fsdp
-    if args.lam > 0:
-        # DyDiT recipe (paper/code): from a trained DiT, AdamW 1e-4, stage 1, target schedule
-        # 1.0 for 100 steps then a ramp over 1k (lambda 0.5) or 5k (lambda 0.7) steps.
-        if not args.init:
-            raise ConfigError("DyDiT fine-tuning (lam>0) starts from a trained DiT/SiT: pass "
-                              "init=<converted params dir, .pt file or workdir>")
-        c.dynamic.update(enabled=True, target=args.lam, stage=1, hold_steps=100,
-                         warmup_steps=1000 if args.lam <= 0.5 else 5000)
-        if "steps" not in (arg or ""):
-            c.train.num_steps = 200_000
+    apply_dydit_arg(c, args.lam, args.init, arg)
     c.sample.update(num_steps=250, cfg_scale=4.0, per_class=4, batch_size=32,
                     classes=(207, 360, 387, 974, 88, 979, 417, 279))
     if args.peft != "none" and not args.init:
@@ -283,6 +280,22 @@ def imagenet_config(model_name: str, arg: str | None) -> ml_collections.ConfigDi
                            sampler="sde", method="Euler", num_steps=250,
                            diffusion_form="sigma", last_step="Mean", last_step_size=0.04)
     return c
+
+
+def apply_dydit_arg(c: ml_collections.ConfigDict, lam: float, init: str, arg: str | None
+                    ) -> None:
+    """A config file's `lam=` argument (> 0): the DyDiT recipe (paper/code) from the trained
+    model `init`: AdamW 1e-4, stage 1, target schedule 1.0 for 100 steps then a ramp over 1k
+    (lambda 0.5) or 5k (lambda 0.7) steps, 200k steps unless `arg` sets steps."""
+    if lam <= 0:
+        return
+    if not init:
+        raise ConfigError(f"DyDiT fine-tuning (lam={lam}) starts from a trained DiT/SiT/Latte: "
+                          f"pass init=<converted params dir, .pt file or workdir>")
+    c.dynamic.update(enabled=True, target=lam, stage=1, hold_steps=100,
+                     warmup_steps=1000 if lam <= 0.5 else 5000)
+    if "steps" not in (arg or ""):
+        c.train.num_steps = 200_000
 
 
 def apply_peft_arg(c: ml_collections.ConfigDict, method: str, lr: float) -> None:
@@ -347,9 +360,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     "sample.batch_size", "evaluate.batch_size", "evaluate.chunk_size",
                     "extract.shard_size", "extract.batch_size")
     _check_sample(config)
-    if config.evaluate.num_samples < 2:
-        _fail("evaluate.num_samples", config.evaluate.num_samples,
-              "FID needs >= 2 samples for its covariance (the protocol uses 50000)")
+    _check_evaluate(config)
     if not 0 < config.dynamic.target <= 1:
         _fail("dynamic.target", config.dynamic.target,
               "the FLOPs ratio to reach must be in (0, 1]")
@@ -357,6 +368,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.transport.enabled:
         _check_transport(config)
     _check_peft(config)
+
+
+def _check_evaluate(config) -> None:
+    """The sample and reference counts of `evaluate`, and for a video model in evaluate mode
+    clips that FVD's I3D can take."""
+    ec = config.evaluate
+    if ec.num_samples < 2:
+        _fail("evaluate.num_samples", ec.num_samples,
+              "FID needs >= 2 samples for its covariance (the protocol uses 50000)")
+    n = ec.num_reference
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n == 1:
+        _fail("evaluate.num_reference", n, "0 (min(num_samples, 10000) from the data) or >= 2 "
+              "(the covariance needs 2)")
+    from dydit_jax import families
+    from dydit_jax.evaluation.i3d import MIN_FRAMES, NUM_FRAMES
+    frames = config.model.num_frames
+    if config.mode == "evaluate" and families.family_of(config).video and frames < MIN_FRAMES:
+        _fail("model.num_frames", frames, f"FVD's I3D needs clips of >= {MIN_FRAMES} frames "
+              f"(its temporal strides); evaluate a model of config.model.num_frames >= "
+              f"{MIN_FRAMES} (and data.num_frames alike; the FVD protocol uses {NUM_FRAMES}): "
+              f"shorter clips, like the 8-frame moving-digits demo's, have no FVD")
 
 
 def check_sources(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -403,14 +435,21 @@ def check_sources(config: ml_collections.ConfigDict, workdir: str) -> None:
         _fail("evaluate.vae_dir", ec.vae_dir, f"mode={mode} with data.name={dc.name} needs the "
               f"VAE of the latents: {vae_hint}")
     if mode == "evaluate":
-        if not ec.inception_path:
+        from dydit_jax import families
+        video = families.family_of(config).video
+        if video and not ec.i3d_path:
+            _fail("evaluate.i3d_path", ec.i3d_path, "mode=evaluate of a video model needs "
+                  "FVD's Kinetics-400 I3D weights (.npz; see dydit_jax/evaluation/i3d.py)")
+        _check_exists(config, "evaluate.i3d_path", "it should be the I3D weights (.npz; see "
+                      "dydit_jax/evaluation/i3d.py)")
+        if not ec.inception_path and not video:
             _fail("evaluate.inception_path", ec.inception_path, "mode=evaluate needs the FID "
                   "Inception weights (.npz; see dydit_jax/evaluation/inception.py)")
         _check_exists(config, "evaluate.inception_path", "it should be the FID Inception "
                       "weights (.npz; see dydit_jax/evaluation/inception.py)")
         _check_exists(config, "evaluate.reference_batch", "it should be an ADM reference .npz "
-                      "(e.g. VIRTUAL_imagenet256_labeled.npz), or None to draw the reference "
-                      "from the training data")
+                      "(e.g. VIRTUAL_imagenet256_labeled.npz; video: clips), or None to draw "
+                      "the reference from the training data")
 
 
 def check_devices(config: ml_collections.ConfigDict, device_count: int,

@@ -1,4 +1,5 @@
-"""The evaluate mode: sample N images, then FID, sFID, Inception Score, precision and recall.
+"""The evaluate mode: sample N images, then FID, sFID, Inception Score, precision and recall;
+for a video model (Latte) N clips, then FVD and per-frame FID.
 
     python -m dydit_jax.main --config=configs/dit_xl.py --workdir=runs/dit_xl \
         --config.mode=evaluate --config.evaluate.vae_dir=sd-vae-ft-ema \
@@ -16,26 +17,39 @@ The protocol of DiT's sample_ddp.py + the ADM evaluator (the defaults of `config
 2. Sampling is sharded over the batch (the mesh's data and fsdp axes, parameters replicated;
    the global batch `evaluate.batch_size` is rounded up to a multiple of the device count, the
    last batch of a chunk is padded). Latent models (`data.name=latents`, or any model when
-   `evaluate.vae_dir` is set) are decoded with the VAE batch by batch, so memory is bounded by
-   one batch. Images go to uint8 exactly as sample_ddp.py does (`sampling.to_uint8`); gray
-   images are repeated to RGB.
+   `evaluate.vae_dir` is set) are decoded with the VAE batch by batch (clips frame by frame),
+   so memory is bounded by one batch. Images go to uint8 exactly as sample_ddp.py does
+   (`sampling.to_uint8`); gray images are repeated to RGB.
 3. Each chunk is written atomically (a temporary file, then a rename) to
-   `<workdir>/eval/chunk_00000.npz`, ... in the ADM layout (`arr_0` uint8 NHWC, `arr_1`
-   labels). A rerun (after a preemption) keeps every complete chunk whose labels match and
-   samples only the missing ones. `eval/spec.json` records the settings that the chunks
-   depend on; a rerun with different ones (other weights, sampler, guidance, seed, chunk size,
-   ...) is refused instead of mixing samples: delete `eval/` or use another workdir.
+   `<workdir>/eval/chunk_00000.npz`, ... in the ADM layout (`arr_0` uint8 NHWC, or clips
+   [n, F, H, W, 3], `arr_1` labels). A rerun (after a preemption) keeps every complete chunk
+   whose labels match and samples only the missing ones. `eval/spec.json` records the
+   settings that the chunks depend on; a rerun with different ones (other weights, sampler,
+   guidance, seed, chunk size, ...) is refused instead of mixing samples: delete `eval/` or
+   use another workdir.
 4. Inception features of all chunks (sharded over the batch) and of the reference:
    `evaluate.reference_batch`, an ADM `.npz` (its stored mu/sigma/mu_s/sigma_s are used when
-   present; precision/recall always use its images' features), or without one up to 10,000
-   images of the training data source (`config.data`, decoded with the VAE for latent
-   models). Reference features are cached in `eval/reference.npz`.
+   present; precision/recall always use its images' features), or without one the first
+   `evaluate.num_reference` (0: min(N, 10,000)) images of the data source's epoch-0 order
+   (`config.data`; latent datasets decoded with the VAE). Reference features are cached in
+   `eval/reference.npz`.
 5. The metrics (`evaluation.evaluator.compute_metrics`, the ADM evaluator's definitions; the
    Inception Score over min(10, N) splits) go to `eval/metrics.json` and a printed table.
 
+Video models (`families.family_of(config).video`) follow the same steps with clips: chunks
+hold uint8 clips, the reference is `evaluate.reference_batch` holding clips (`arr_0` uint8
+[M, F, H, W, 3] with the model's F frames; stored statistics are not used) or the first
+`evaluate.num_reference` (0: min(N, 10,000)) clips of the data source's epoch-0 order (for
+FVD2048: N = 2048 samples and 2048 real clips). The metrics are those of
+`evaluation.video_metrics` (FVD: the Frechet distance of the Kinetics-400 I3D's logits of
+`evaluate.i3d_path`, clips resized to 224x224; per-frame FID, with `evaluate.inception_path`:
+every frame an image), computed here sharded and streamed, chunk by chunk. The I3D needs
+clips of at least 9 frames (the protocol: 16), which the config check demands.
+
 Multi-host runs need `workdir` on a filesystem that all hosts share (chunks are written by
 process 0 and read back by every process). The Inception weights are the FID network's
-(`evaluation/inception.py` says how to get and convert them once); nothing is downloaded.
+(`evaluation/inception.py` says how to get and convert them once), the I3D weights FVD's
+(`evaluation/i3d.py`); nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -50,21 +64,28 @@ from tqdm import tqdm
 
 from dydit_jax import sampling
 from dydit_jax import sharding as sharding_lib
+from dydit_jax.evaluation import i3d
 from dydit_jax.evaluation.evaluator import FEATURES, compute_metrics
-from dydit_jax.evaluation.fid import FIDStatistics, compute_statistics
+from dydit_jax.evaluation.fid import FIDStatistics, compute_statistics, frechet_distance
+from dydit_jax.evaluation.fvd import FEATURE as FVD_FEATURE
 from dydit_jax.evaluation.reference_batch import iter_images, read_reference_batch
+from dydit_jax.families import family_of
 
 EVAL_DIR = "eval"
 CHUNK_PATTERN = "chunk_{:05d}.npz"
 SPEC_FILE = "spec.json"
 METRICS_FILE = "metrics.json"
 REFERENCE_CACHE = "reference.npz"
-# Images drawn from the training data when no reference batch is given (the ADM reference
-# batches hold 10,000 images).
+# Images (clips) drawn from the data when no reference batch is given and
+# evaluate.num_reference is 0: at most this many (the ADM reference batches hold 10,000).
 REFERENCE_FROM_DATA = 10_000
+# The metrics of clips, in table order: each compares the samples' and the reference's
+# features of its name (`make_clip_feature_fn`) by the Frechet distance.
+VIDEO_METRICS = ("fvd", "fid_per_frame")
 
 _TABLE = (("fid", "FID"), ("sfid", "sFID"), ("inception_score", "Inception Score"),
-          ("precision", "Precision"), ("recall", "Recall"))
+          ("precision", "Precision"), ("recall", "Recall"), ("fvd", "FVD"),
+          ("fid_per_frame", "FID per frame"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +145,7 @@ def padded(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def as_rgb(images: np.ndarray) -> np.ndarray:
+    """uint8 images [..., H, W, C] (or clips) with C = 1 repeated to RGB; C = 3 as is."""
     if images.shape[-1] == 1:
         return np.repeat(images, 3, axis=-1)
     if images.shape[-1] != 3:
@@ -139,6 +161,11 @@ def as_rgb(images: np.ndarray) -> np.ndarray:
 def is_latent(config) -> bool:
     """Whether samples are VAE latents: a latent dataset, or a VAE given for decoding."""
     return config.data.name == "latents" or config.evaluate.vae_dir is not None
+
+
+def is_video(config) -> bool:
+    """Whether samples are clips [N, F, H, W, C] (a video family, e.g. Latte)."""
+    return family_of(config).video
 
 
 def load_vae(config):
@@ -162,11 +189,26 @@ def load_feature_model(config):
     return load_inception(path)
 
 
+def load_clip_model(config):
+    """(InceptionI3d, variables) from `config.evaluate.i3d_path` (FVD's Kinetics-400 I3D)."""
+    path = config.evaluate.i3d_path
+    if not path:
+        raise ValueError("FVD needs the Kinetics-400 I3D: set --config.evaluate.i3d_path=<i3d "
+                         "weights .npz>; see dydit_jax/evaluation/i3d.py for the file and its "
+                         "one-time conversion")
+    return i3d.load_i3d(path)
+
+
 def make_decode_fn(vae, mesh):
-    """latents [B, h, w, c] (diffusion units, batch-sharded) -> uint8 images [B, H, W, 3]."""
+    """latents [B, h, w, c] (diffusion units, batch-sharded) -> uint8 images [B, H, W, 3];
+    clips [B, F, h, w, c] -> [B, F, H, W, 3], their B * F frames decoded as one batch."""
     out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding_lib.BATCH_AXES))
-    return jax.jit(lambda v, z: sampling.to_uint8(vae.apply(v, z, method="decode_latents")),
-                   out_shardings=out)
+
+    def decode(v, z):
+        frames = z.reshape((-1,) + z.shape[-3:])
+        x = sampling.to_uint8(vae.apply(v, frames, method="decode_latents"))
+        return x.reshape(z.shape[:-3] + x.shape[1:])
+    return jax.jit(decode, out_shardings=out)
 
 
 def checkpoint_id(config, workdir: str) -> str:
@@ -221,11 +263,11 @@ def chunk_sizes(num_samples: int, chunk_size: int) -> List[int]:
     return [chunk_size] * full + ([rest] if rest else [])
 
 
-def _chunk_complete(path: str, labels: np.ndarray) -> bool:
+def _chunk_complete(path: str, labels: np.ndarray, clips: bool) -> bool:
     if not os.path.exists(path):
         return False
     try:
-        batch = read_reference_batch(path)
+        batch = read_reference_batch(path, clips=clips)
         with np.load(path) as f:
             stored = f["arr_1"] if "arr_1" in f.files else None
     except Exception:  # noqa: BLE001 - an unreadable chunk is resampled
@@ -255,8 +297,9 @@ def sample_chunks(config, workdir: str, params=None) -> Tuple[List[str], List[in
     sizes = chunk_sizes(ec.num_samples, ec.chunk_size)
     num_classes = config.model.num_classes
     paths = [os.path.join(out_dir, CHUNK_PATTERN.format(k)) for k in range(len(sizes))]
+    video = is_video(config)
     todo = [k for k, n in enumerate(sizes)
-            if not _chunk_complete(paths[k], chunk_labels(ec.seed, k, n, num_classes))]
+            if not _chunk_complete(paths[k], chunk_labels(ec.seed, k, n, num_classes), video)]
     if todo and is_main_process():
         print(f"evaluate: {len(sizes) - len(todo)} of {len(sizes)} chunks already sampled; "
               f"sampling {len(todo)} ({sum(sizes[k] for k in todo)} samples)")
@@ -283,7 +326,8 @@ def sample_chunks(config, workdir: str, params=None) -> Tuple[List[str], List[in
         batch_sharding = sharding_lib.batch_sharding(mesh)
         base_rng = jax.random.PRNGKey(ec.seed)
 
-        bar = tqdm(total=sum(sizes[k] for k in todo), desc="evaluate: sample", unit="img",
+        bar = tqdm(total=sum(sizes[k] for k in todo), desc="evaluate: sample",
+                   unit="clip" if video else "img",
                    disable=not is_main_process(), dynamic_ncols=True)
         for k in todo:
             labels = chunk_labels(ec.seed, k, sizes[k], num_classes)
@@ -311,41 +355,82 @@ def sample_chunks(config, workdir: str, params=None) -> Tuple[List[str], List[in
 # Features and metrics
 # ----------------------------------------------------------------------------------------------
 
-def make_feature_fn(feature_model, variables, mesh, batch: int):
-    """uint8 images [b <= batch, H, W, 3] (host) -> host feature dict, sharded over the batch."""
+def make_feature_fn(feature_model, variables, mesh, batch: int, keys=FEATURES, prepare=None):
+    """uint8 images [b <= batch, H, W, 3] (or clips [b, F, H, W, 3]) (host) -> host dict of
+    the model's `keys` outputs, sharded over the batch; `prepare` maps the uint8 batch to the
+    model's input inside the jit (None: the model takes uint8)."""
     variables = jax.device_put(variables, sharding_lib.replicated(mesh))
-    fn = jax.jit(lambda v, x: feature_model.apply(v, x))
+    prepare = prepare or (lambda x: x)
+    fn = jax.jit(lambda v, x: feature_model.apply(v, prepare(x)))
     sharding = sharding_lib.batch_sharding(mesh)
 
     def features(images: np.ndarray) -> Dict[str, np.ndarray]:
         out = fn(variables, global_array(padded(images, batch), sharding))
-        return {k: to_host(out[k])[:len(images)] for k in FEATURES}
+        return {k: to_host(out[k])[:len(images)] for k in keys}
     return features
 
 
-def extract(features_fn, batches: Iterator[np.ndarray], total: int, desc: str
-            ) -> Dict[str, np.ndarray]:
-    out = {k: [] for k in FEATURES}
-    with tqdm(total=total, desc=desc, unit="img", disable=not is_main_process(),
+def make_clip_feature_fn(clip_model, frame_model, mesh, batch: int):
+    """uint8 RGB clips [b <= batch, F, H, W, 3] (host) -> the features of each of
+    VIDEO_METRICS: {"fvd": the I3D's FVD embedding [b, 400] (clips resized to 224x224 and
+    scaled to [-1, 1], `i3d.preprocess`), "fid_per_frame": the Inception pool features of
+    every frame [b * F, 2048], `batch` frames at a time} ("fid_per_frame" only given a
+    `frame_model`). Both models are (module, variables)."""
+    clip_fn = make_feature_fn(*clip_model, mesh, batch, keys=(FVD_FEATURE,),
+                              prepare=i3d.preprocess)
+    frame_fn = None if frame_model is None else \
+        make_feature_fn(*frame_model, mesh, batch, keys=("pool",))
+
+    def features(clips: np.ndarray) -> Dict[str, np.ndarray]:
+        out = {"fvd": clip_fn(clips)[FVD_FEATURE]}
+        if frame_fn is not None:
+            frames = clips.reshape((-1,) + clips.shape[2:])
+            out["fid_per_frame"] = np.concatenate(
+                [frame_fn(frames[s:s + batch])["pool"] for s in range(0, len(frames), batch)])
+        return out
+    return features
+
+
+def extract(features_fn, batches: Iterator[np.ndarray], total: int, desc: str,
+            keys=FEATURES, unit: str = "img") -> Dict[str, np.ndarray]:
+    """The `keys` features of every image (clip) of `batches`, concatenated."""
+    out = {k: [] for k in keys}
+    with tqdm(total=total, desc=desc, unit=unit, disable=not is_main_process(),
               dynamic_ncols=True) as bar:
         for images in batches:
             for k, v in features_fn(as_rgb(images)).items():
                 out[k].append(v)
             bar.update(len(images))
-    if not out["pool"]:
-        raise ValueError(f"{desc}: no images")
+    if not out[keys[0]]:
+        raise ValueError(f"{desc}: no {unit}s")
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _chunk_batches(paths: List[str], batch: int) -> Iterator[np.ndarray]:
+def _chunk_batches(paths: List[str], batch: int, clips: bool) -> Iterator[np.ndarray]:
     for path in paths:
-        yield from iter_images(path, batch)
+        yield from iter_images(path, batch, clips=clips)
 
 
-def _data_batches(config, batch: int, count: int, decode) -> Iterator[np.ndarray]:
-    """`count` uint8 images of the training data source (decoded for latent datasets)."""
+def reference_count(config) -> int:
+    """How many images (clips) the reference draws from the data source:
+    `evaluate.num_reference`, 0: min(num_samples, REFERENCE_FROM_DATA)."""
+    ec = config.evaluate
+    return ec.num_reference or min(ec.num_samples, REFERENCE_FROM_DATA)
+
+
+def _data_batches(config, mesh, batch: int, count: int) -> Iterator[np.ndarray]:
+    """uint8 batches of the first `count` images (clips) of the data source's epoch-0 order
+    (the same on every host; a latent dataset decoded with the VAE)."""
     from dydit_jax.data import create_source
-    source = create_source(config.data, local_batch_size=batch)  # the same on every host
+    decode = None
+    if config.data.name == "latents":
+        vae, vae_vars = load_vae(config)
+        vae_vars = jax.device_put(vae_vars, sharding_lib.replicated(mesh))
+        decode_fn = make_decode_fn(vae, mesh)
+        sharding = sharding_lib.batch_sharding(mesh)
+        decode = lambda z: to_host(  # noqa: E731
+            decode_fn(vae_vars, global_array(padded(z, batch), sharding)))[:len(z)]
+    source = create_source(config.data, local_batch_size=batch)
     try:
         done = 0
         while done < count:
@@ -360,50 +445,116 @@ def _data_batches(config, batch: int, count: int, decode) -> Iterator[np.ndarray
         source.close()
 
 
+def _reference(config, mesh, batch: int):
+    """(the reference batch file's `ReferenceBatch` or None, uint8 batches of the reference
+    (lazy: nothing is read before the first), their count, a description)."""
+    ec = config.evaluate
+    clips = is_video(config)
+    kind = "clips" if clips else "images"
+    if ec.reference_batch:
+        ref = read_reference_batch(ec.reference_batch, clips=clips)
+        return (ref, ref.iter_images(batch), ref.num_images,
+                f"file {os.path.abspath(ec.reference_batch)} ({ref.num_images} {kind})")
+    count = reference_count(config)
+    source = f"data {config.data.name} ({count} {kind}" + (
+        f", decoded with {ec.vae_dir})" if config.data.name == "latents" else ")")
+    return None, _data_batches(config, mesh, batch, count), count, source
+
+
+def _cached(workdir: str, key: str, compute) -> Dict[str, np.ndarray]:
+    """The arrays of eval/reference.npz when it was written for `key`, else `compute()`'s
+    (then written there)."""
+    cache = os.path.join(workdir, EVAL_DIR, REFERENCE_CACHE)
+    if os.path.exists(cache):
+        with np.load(cache) as f:
+            if str(f["key"]) == key:
+                return {k: f[k] for k in f.files if k != "key"}
+    arrays = compute()
+    if is_main_process():
+        atomic_savez(cache, key=np.asarray(key), **arrays)
+    return arrays
+
+
 def reference_features(config, workdir: str, features_fn, mesh, batch: int
                        ) -> Tuple[np.ndarray, FIDStatistics, FIDStatistics, str]:
     """(pool features, pool statistics, spatial statistics, description) of the reference,
     cached in eval/reference.npz."""
     ec = config.evaluate
-    if ec.reference_batch:
-        ref = read_reference_batch(ec.reference_batch)
-        source = f"file {os.path.abspath(ec.reference_batch)} ({ref.num_images} images)"
-    else:
-        ref = None
-        count = min(ec.num_samples, REFERENCE_FROM_DATA)
-        source = f"data {config.data.name} ({count} images" + (
-            f", decoded with {ec.vae_dir})" if is_latent(config) else ")")
+    ref, batches, count, source = _reference(config, mesh, batch)
     key = (f"{source}; data {json.dumps(config.data.to_dict(), sort_keys=True)}; "
            f"inception {ec.inception_path}")
-    cache = os.path.join(workdir, EVAL_DIR, REFERENCE_CACHE)
-    if os.path.exists(cache):
-        with np.load(cache) as f:
-            if str(f["key"]) == key:
-                return (f["pool"], FIDStatistics(f["mu"], f["sigma"]),
-                        FIDStatistics(f["mu_s"], f["sigma_s"]), source)
 
-    if ref is not None:
-        feats = extract(features_fn, ref.iter_images(batch), ref.num_images,
-                        "evaluate: reference features")
-    else:
-        decode = None
-        if is_latent(config):
-            vae, vae_vars = load_vae(config)
-            vae_vars = jax.device_put(vae_vars, sharding_lib.replicated(mesh))
-            decode_fn = make_decode_fn(vae, mesh)
-            sharding = sharding_lib.batch_sharding(mesh)
-            decode = lambda z: to_host(  # noqa: E731
-                decode_fn(vae_vars, global_array(padded(z, batch), sharding)))[:len(z)]
-        feats = extract(features_fn, _data_batches(config, batch, count, decode), count,
-                        "evaluate: reference features (training data)")
-    pool = ref.pool if ref is not None and ref.pool is not None else \
-        compute_statistics(feats["pool"])
-    spatial = ref.spatial if ref is not None and ref.spatial is not None else \
-        compute_statistics(feats["spatial"])
-    if is_main_process():
-        atomic_savez(cache, key=np.asarray(key), pool=feats["pool"], mu=pool.mu,
-                     sigma=pool.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)
-    return feats["pool"], pool, spatial, source
+    def compute():
+        feats = extract(features_fn, batches, count, "evaluate: reference features")
+        pool = ref.pool if ref is not None and ref.pool is not None else \
+            compute_statistics(feats["pool"])
+        spatial = ref.spatial if ref is not None and ref.spatial is not None else \
+            compute_statistics(feats["spatial"])
+        return dict(pool=feats["pool"], mu=pool.mu, sigma=pool.sigma, mu_s=spatial.mu,
+                    sigma_s=spatial.sigma)
+    f = _cached(workdir, key, compute)
+    return (f["pool"], FIDStatistics(f["mu"], f["sigma"]),
+            FIDStatistics(f["mu_s"], f["sigma_s"]), source)
+
+
+def clip_reference_statistics(config, workdir: str, features_fn, metrics, mesh, batch: int
+                              ) -> Tuple[Dict[str, FIDStatistics], str]:
+    """({metric: statistics of the reference's features for it}, description) of the
+    reference clips, for `metrics` (of VIDEO_METRICS), cached in eval/reference.npz."""
+    ec = config.evaluate
+    _, batches, count, source = _reference(config, mesh, batch)
+    frames = ec.inception_path if "fid_per_frame" in metrics else None
+    key = (f"{source}; data {json.dumps(config.data.to_dict(), sort_keys=True)}; "
+           f"i3d {ec.i3d_path}; inception {frames}")
+
+    def compute():
+        feats = extract(features_fn, batches, count, "evaluate: reference features",
+                        keys=metrics, unit="clip")
+        stats = {k: compute_statistics(feats[k]) for k in metrics}
+        return {f"{part}_{k}": getattr(s, part) for k, s in stats.items()
+                for part in ("mu", "sigma")}
+    f = _cached(workdir, key, compute)
+    return {k: FIDStatistics(f[f"mu_{k}"], f[f"sigma_{k}"]) for k in metrics}, source
+
+
+def _image_metrics(config, workdir: str, paths: List[str], feature_model, mesh, batch: int
+                   ) -> Tuple[Dict[str, float], str]:
+    features_fn = make_feature_fn(*feature_model, mesh, batch)
+    samples = extract(features_fn, _chunk_batches(paths, batch, clips=False),
+                      config.evaluate.num_samples, "evaluate: sample features")
+    ref_pool_features, ref_pool, ref_spatial, ref_source = reference_features(
+        config, workdir, features_fn, mesh, batch)
+    metrics = compute_metrics(samples, {"pool": ref_pool_features}, ref_pool, ref_spatial,
+                              num_splits=min(10, len(samples["pool"])))
+    return metrics, ref_source
+
+
+def _video_metrics(config, workdir: str, paths: List[str], clip_model, frame_model, mesh,
+                   batch: int) -> Tuple[Dict[str, float], str]:
+    """FVD (and per-frame FID given a `frame_model`), the definitions of
+    `evaluation.video_metrics`, on features extracted chunk by chunk."""
+    metrics = VIDEO_METRICS if frame_model is not None else VIDEO_METRICS[:1]
+    features_fn = make_clip_feature_fn(clip_model, frame_model, mesh, batch)
+    samples = extract(features_fn, _chunk_batches(paths, batch, clips=True),
+                      config.evaluate.num_samples, "evaluate: sample features", keys=metrics,
+                      unit="clip")
+    reference, ref_source = clip_reference_statistics(config, workdir, features_fn, metrics,
+                                                      mesh, batch)
+    return {k: frechet_distance(compute_statistics(samples[k]), reference[k])
+            for k in metrics}, ref_source
+
+
+def check_reference_batch(config) -> None:
+    """The layout of `evaluate.reference_batch` (images, or clips of the model's frame count
+    for a video model), before anything is sampled."""
+    path = config.evaluate.reference_batch
+    ref = read_reference_batch(path, clips=is_video(config))
+    frames = config.model.num_frames
+    if is_video(config) and ref.image_shape[0] != frames:
+        raise ValueError(f"config.evaluate.reference_batch={path!r} holds clips of "
+                         f"{ref.image_shape[0]} frames, the model samples "
+                         f"config.model.num_frames={frames}: FVD compares clips of one length "
+                         f"(the protocol: {i3d.NUM_FRAMES})")
 
 
 def format_table(metrics: Dict[str, float]) -> str:
@@ -412,34 +563,41 @@ def format_table(metrics: Dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-def evaluate_from_workdir(config, workdir: str, params=None, feature_model=None
-                          ) -> Dict[str, Any]:
+def evaluate_from_workdir(config, workdir: str, params=None, feature_model=None,
+                          clip_model=None) -> Dict[str, Any]:
     """The evaluate mode (see the module docstring). `params` overrides the weights of
     `config.sample.checkpoint`; `feature_model` = (module, variables) the Inception of
-    `config.evaluate.inception_path` (any module with the Inception's output dict).
+    `config.evaluate.inception_path` (any module with the Inception's output dict; for a
+    video model the per-frame FID's, which is left out without either); `clip_model` = (module,
+    variables) the I3D of `config.evaluate.i3d_path` (video models; any module with the I3D's
+    output dict, given clips [B, F, 224, 224, 3] in [-1, 1]).
 
     Returns {"metrics": ..., "sampled_chunks": [indices sampled now], "num_chunks": n,
     "path": eval/metrics.json}."""
     ec = config.evaluate
+    video = is_video(config)
     # Everything the metrics need is checked before hours of sampling.
-    if feature_model is None:
+    if video:
+        i3d.check_video_shape((1, config.model.num_frames, i3d.INPUT_SIZE, i3d.INPUT_SIZE, 3))
+        if clip_model is None:
+            clip_model = load_clip_model(config)
+        if feature_model is None and ec.inception_path:
+            feature_model = load_feature_model(config)
+    elif feature_model is None:
         feature_model = load_feature_model(config)
     if ec.reference_batch:
-        read_reference_batch(ec.reference_batch)
+        check_reference_batch(config)
     if is_latent(config) and not ec.vae_dir:
         load_vae(config)  # raises: which VAE to set
     paths, sampled = sample_chunks(config, workdir, params)
     mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)
     n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = round_up(ec.batch_size, n_shards)
-    features_fn = make_feature_fn(*feature_model, mesh, batch)
-
-    samples = extract(features_fn, _chunk_batches(paths, batch), ec.num_samples,
-                      "evaluate: sample features")
-    ref_pool_features, ref_pool, ref_spatial, ref_source = reference_features(
-        config, workdir, features_fn, mesh, batch)
-    metrics = compute_metrics(samples, {"pool": ref_pool_features}, ref_pool, ref_spatial,
-                              num_splits=min(10, len(samples["pool"])))
+    if video:
+        metrics, ref_source = _video_metrics(config, workdir, paths, clip_model, feature_model,
+                                             mesh, batch)
+    else:
+        metrics, ref_source = _image_metrics(config, workdir, paths, feature_model, mesh, batch)
     metrics = {k: float(v) for k, v in metrics.items()}
     path = os.path.join(workdir, EVAL_DIR, METRICS_FILE)
     if is_main_process():
@@ -447,6 +605,8 @@ def evaluate_from_workdir(config, workdir: str, params=None, feature_model=None
                       inception=ec.inception_path,
                       spec=sample_spec(config, workdir, round_up(
                           min(ec.batch_size, ec.chunk_size), n_shards)))
+        if video:
+            record["i3d"] = ec.i3d_path
         atomic_write_json(path, record)
         print(f"evaluate: {ec.num_samples} samples of {record['spec']['checkpoint']} "
               f"against {ref_source}")

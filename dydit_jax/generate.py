@@ -199,7 +199,7 @@ class _EngineSampleFn(SampleFn):
 
     def __call__(self, params, rng, labels, cfg_scale):
         x, stats = self._engine.sample(rng, labels, cfg_scale, return_stats=True)
-        self._kept.append((stats["token_fraction"] * self._model.num_patches, len(labels)))
+        self._kept.append((stats["token_fraction"] * self._model.tokens_per_sample, len(labels)))
         return x
 
     def flops_ratio(self) -> float:

@@ -182,3 +182,15 @@ def test_static_macs_of_a_clip_equal_the_forward_pass_count():
         macs = flops.static_macs(model)
         assert macs["total"] == counted, (macs, counted)
         assert macs["attn_qk"] == 2 * (frames * 16 * 16 + 16 * frames * frames) * 64
+
+
+@pytest.mark.parametrize("scan, remat", [(True, False), (True, True), (False, True)])
+def test_scan_layers_and_remat_match_the_release(io, state_dicts, scan, remat):
+    """scan_layers stacks the blocks as a scanned DiT's (the converter's stacking); one scan
+    step runs a spatial or temporal block by an nn.cond on its index."""
+    model = Latte(**LATTE, extras=2, scan_layers=scan, remat=remat)
+    variables = convert.from_pytorch(state_dicts["_sharp"], model)
+    if scan:
+        assert variables["params"]["blocks"]["attn"]["qkv"]["kernel"].shape[0] == 4
+    out = model.apply(variables, video(io["x"]), io["t"], io["y"])
+    np.testing.assert_allclose(out, video(io["out_sharp"]), **TOL)

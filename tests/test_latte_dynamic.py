@@ -219,3 +219,34 @@ np.testing.assert_allclose(x0, np.load({str(tmp_path / "ref.npy")!r}), **TOL)
 print("OK")
 """
     assert "OK" in run_python(code, devices=8).stdout
+
+
+def test_scan_layers_equals_the_unrolled_stack(latte):
+    """A scanned Latte (blocks stacked as a scanned DiT's, an nn.cond on each block's kind)
+    computes what the unrolled one does: eval masks, train-mode draws, gradients, and the
+    engine reads its stacked parameters."""
+    from dydit_jax import convert
+    model, variables = latte
+    scanned = Latte(**TINY, extras=2, dynamic=True, scan_layers=True, remat=True)
+    stacked = {"params": convert.to_layout(variables["params"], scan_layers=True)}
+    x, t, y = clip_inputs()
+    rngs = {"gumbel": jax.random.PRNGKey(0), "label_dropout": jax.random.PRNGKey(1)}
+    for kw in (dict(), dict(train=True, rngs=rngs)):
+        (out, aux), (ref, ref_aux) = (m.apply(v, x, t, y, **kw) for m, v in
+                                      ((scanned, stacked), (model, variables)))
+        np.testing.assert_allclose(out, ref, **TOL)
+        for k in ("head_masks", "group_masks", "token_masks"):
+            np.testing.assert_array_equal(aux[k], ref_aux[k])
+
+    def loss(m, p):
+        return jnp.mean(m.apply({"params": p}, x, t, y, train=True, rngs=rngs)[0] ** 2)
+    grads = jax.grad(lambda p: loss(scanned, p))(stacked["params"])
+    ref = convert.to_layout(jax.grad(lambda p: loss(model, p))(variables["params"]), True)
+    for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-4)
+    a = Engine(scanned, stacked, create_diffusion("ddim10"), sampler="ddim", **COARSE)
+    b = Engine(model, variables, create_diffusion("ddim10"), sampler="ddim", **COARSE)
+    np.testing.assert_allclose(a.forward(x, 3, y, 2.0), b.forward(x, 3, y, 2.0), **TOL)
+    with pytest.raises(NotImplementedError, match="token_blocks"):
+        Latte(**TINY, dynamic=True, scan_layers=True, token_blocks="spatial").init(
+            jax.random.PRNGKey(0), *model.dummy_inputs(1))

@@ -69,9 +69,12 @@ def stacked_blocks(model, variables):
     spatial + temporal pair) gets a tuple: per kind, its blocks stacked ([L / kinds, ...]),
     since the kinds' trees may differ (a block without a token router)."""
     params = variables["params"] if "params" in variables else variables
-    if model.scan_layers:
-        return params["blocks"]
     cycle = len(model.block_kinds)
+    if model.scan_layers:
+        if cycle == 1:
+            return params["blocks"]
+        return tuple(jax.tree_util.tree_map(lambda a, p=p: a[p::cycle], params["blocks"])
+                     for p in range(cycle))
 
     def stack(indices):
         return jax.tree_util.tree_map(lambda *a: jnp.stack(a),

@@ -7,8 +7,10 @@ reference batch DiT and DyDiT evaluate against) hold
     mu_s, sigma_s: float64 [2023], [2023, 2023] spatial statistics (optional)
 and sample batches (`sampling.save_npz`) hold `arr_0` (and `arr_1` labels). When the
 statistics are present the evaluator uses them instead of recomputing them from `arr_0`;
-`read_reference_batch` does the same. Images are read `batch_size` rows at a time straight out
-of the zip member, so a 10,000-image batch (2 GB) never sits in memory whole.
+`read_reference_batch` does the same. Batches of video clips (`clips=True`: the video
+evaluator's sample chunks and reference clips) hold `arr_0` uint8 [N, F, H, W, 3] instead.
+Images are read `batch_size` rows at a time straight out of the zip member, so a
+10,000-image batch (2 GB) never sits in memory whole.
 """
 from __future__ import annotations
 
@@ -27,15 +29,17 @@ STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceBatch:
-    """A batch file's layout and its stored statistics (None when the file has none)."""
+    """A batch file's layout and its stored statistics (None when the file has none);
+    `image_shape` is (H, W, 3), or (F, H, W, 3) for clips."""
     path: str
     num_images: int
     image_shape: Tuple[int, ...]
     pool: Optional[FIDStatistics]
     spatial: Optional[FIDStatistics]
+    clips: bool = False
 
     def iter_images(self, batch_size: int) -> Iterator[np.ndarray]:
-        return iter_images(self.path, batch_size)
+        return iter_images(self.path, batch_size, clips=self.clips)
 
 
 def _open_member(zf: zipfile.ZipFile, path: str, key: str):
@@ -58,19 +62,22 @@ def _open_member(zf: zipfile.ZipFile, path: str, key: str):
     return f, shape, dtype
 
 
-def _check_images(path: str, shape, dtype):
-    if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
-        raise ValueError(f"{path!r}: {IMAGES_KEY!r} must be uint8 NHWC RGB images [N, H, W, 3], "
-                         f"got {dtype} {tuple(shape)}")
+def _check_images(path: str, shape, dtype, clips: bool = False):
+    rank, layout = (5, "RGB clips [N, F, H, W, 3]") if clips else \
+        (4, "NHWC RGB images [N, H, W, 3]")
+    if len(shape) != rank or shape[-1] != 3 or dtype != np.uint8:
+        raise ValueError(f"{path!r}: {IMAGES_KEY!r} must be uint8 {layout}, got {dtype} "
+                         f"{tuple(shape)}")
 
 
-def read_reference_batch(path: str) -> ReferenceBatch:
-    """The image count and shape (without reading the images) and the stored statistics."""
+def read_reference_batch(path: str, clips: bool = False) -> ReferenceBatch:
+    """The image (clip) count and shape (without reading the images) and the stored
+    statistics."""
     path = os.fspath(path)
     with zipfile.ZipFile(path) as zf:
         f, shape, dtype = _open_member(zf, path, IMAGES_KEY)
         f.close()
-    _check_images(path, shape, dtype)
+    _check_images(path, shape, dtype, clips)
     with np.load(path) as data:
         present = [k for k in STAT_KEYS if k in data.files]
         if present and len(present) != len(STAT_KEYS):
@@ -79,15 +86,17 @@ def read_reference_batch(path: str) -> ReferenceBatch:
                            f"stores all four statistics or none")
         pool = FIDStatistics(data["mu"], data["sigma"]) if present else None
         spatial = FIDStatistics(data["mu_s"], data["sigma_s"]) if present else None
-    return ReferenceBatch(path, int(shape[0]), tuple(int(s) for s in shape[1:]), pool, spatial)
+    return ReferenceBatch(path, int(shape[0]), tuple(int(s) for s in shape[1:]), pool, spatial,
+                          clips)
 
 
-def iter_images(path: str, batch_size: int) -> Iterator[np.ndarray]:
-    """uint8 [b, H, W, 3] batches of the file's images in order (the last one may be short)."""
+def iter_images(path: str, batch_size: int, clips: bool = False) -> Iterator[np.ndarray]:
+    """uint8 [b, H, W, 3] batches of the file's images (clips: [b, F, H, W, 3]) in order (the
+    last one may be short)."""
     path = os.fspath(path)
     with zipfile.ZipFile(path) as zf:
         f, shape, dtype = _open_member(zf, path, IMAGES_KEY)
-        _check_images(path, shape, dtype)
+        _check_images(path, shape, dtype, clips)
         row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
         with f:
             for start in range(0, shape[0], batch_size):

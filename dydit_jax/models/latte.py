@@ -71,8 +71,12 @@ class Latte(DiT):
         if self.depth % 2:
             raise ValueError(f"Latte depth={self.depth} must be even: blocks come in "
                              f"(spatial, temporal) pairs")
-        if self.scan_layers:
-            raise NotImplementedError("Latte with scan_layers is not implemented yet")
+        if self.scan_layers and self.dynamic and self.dynamic_tokens and \
+                self.token_blocks != "both":
+            raise NotImplementedError(f"scan_layers stacks blocks with one parameter tree: "
+                                      f"token_blocks={self.token_blocks!r} gives spatial and "
+                                      f"temporal blocks different trees; use "
+                                      f"token_blocks='both' or scan_layers=False")
         if self.token_blocks not in TOKEN_BLOCKS:
             raise ValueError(f"Latte token_blocks={self.token_blocks!r}; valid: {TOKEN_BLOCKS}")
         super().setup()   # the label table of extras=1 is never called, so it has no params
@@ -108,10 +112,12 @@ class Latte(DiT):
     def after_block(self, x, index, batch: int):
         """What runs between blocks, on tokens [(b f), N, D]: the frame table after block 0.
         `index` may be traced (the engine's scan); the other blocks leave x as it is."""
+        if isinstance(index, int) and index != 0:
+            return x
         table = self.temp_embed().astype(x.dtype)[0]                  # [F, D]
         f = table.shape[0]
         added = (x.reshape((batch, f) + x.shape[1:]) + table[None, :, None]).reshape(x.shape)
-        return jnp.where(jnp.asarray(index) == 0, added, x)
+        return added if isinstance(index, int) else jnp.where(index == 0, added, x)
 
     def temp_embed(self):
         """Fixed [1, F, D] frame table, rounded through float32 as the release stores it."""
@@ -132,38 +138,66 @@ class Latte(DiT):
     def run_blocks(self, x, c, t_emb, train=False, complete=True, gumbel_noise=None):
         """The alternating stack on tokens [(B F), N, D]. Returns (x [(B F), N, D], aux): aux
         {} for the static path, else the per-clip masks and logits stacked to [B, L, ...]
-        (see the module docstring)."""
+        (see the module docstring).
+
+        With `scan_layers` the blocks' parameters are stacked on a leading depth axis under
+        "blocks", exactly as a scanned DiT's (so the converter, reordering and PEFT treat both
+        alike), and one `nn.scan` step runs block i with an `nn.cond` on its kind (i even:
+        spatial): the two branches differ only in how the tokens are grouped."""
         b = c.shape[0]
         dynamic = self.dynamic and not complete
         noise = self._gumbel_noise(gumbel_noise, b) if dynamic and train else None
 
-        def body(block, x, c, t_emb, noise_l):
-            return block(x, c, t_emb, noise_l, train=train, complete=not dynamic)
+        def run(block, x, i, kind, noise_l):
+            """Block i of `kind` on canonical tokens x; noise_l: this block's per-clip draws."""
+            rows = self.to_block_rows(x, kind, b)
+            rep = rows.shape[0] // b
+            routed = self.block_has_token_router(i if isinstance(i, int) else 0)
+            noise_rows = None if noise_l is None else {
+                k: tuple(self._per_row(g, k, kind, b) for g in pair)
+                for k, pair in noise_l.items() if k != "token" or routed}
+            rows, aux = block(rows, jnp.repeat(c, rep, axis=0), jnp.repeat(t_emb, rep, axis=0),
+                              noise_rows, train=train, complete=not dynamic)
+            x = self.after_block(self.from_block_rows(rows, kind, b), i, b)
+            return x, (self._clip_aux(aux, routed, kind, b, rep) if dynamic else {})
 
-        if self.remat:
+        def layer_noise(i):
+            return None if noise is None else jax.tree_util.tree_map(lambda g: g[:, i], noise)
+
+        if self.scan_layers:
             import flax.linen as nn
-            from dydit_jax.models.dit import remat_policy
-            body = nn.remat(body, prevent_cse=True, policy=remat_policy(self.remat_policy))
+
+            def body(block, x, layer):
+                i, noise_l = layer
+                return nn.cond(i % 2 == 0,
+                               lambda blk, x, n: run(blk, x, i, "spatial", n),
+                               lambda blk, x, n: run(blk, x, i, "temporal", n),
+                               block, materialize_gradient(x), noise_l)
+            if self.remat:
+                from dydit_jax.models.dit import remat_policy
+                body = nn.remat(body, prevent_cse=False, policy=remat_policy(self.remat_policy))
+            layers = (jnp.arange(self.depth, dtype=jnp.int32),
+                      None if noise is None else jax.tree_util.tree_map(
+                          lambda g: jnp.moveaxis(g, 1, 0), noise))
+            x, aux = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                             length=self.depth)(self.blocks, x, layers)
+            if not dynamic:
+                return x, {}
+            return x, jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1), aux)
+
         per_layer = []
         for i in range(self.depth):
-            kind = BLOCK_KINDS[i % 2]
-            rows = self.to_block_rows(materialize_gradient(x), kind, b)
-            rep = rows.shape[0] // b
-            noise_l = None if noise is None else {
-                k: tuple(self._per_row(g[:, i], k, kind, b) for g in pair)
-                for k, pair in noise.items()
-                if k != "token" or self.block_has_token_router(i)}
-            rows, aux_l = body(self.blocks[i], rows, jnp.repeat(c, rep, axis=0),
-                               jnp.repeat(t_emb, rep, axis=0), noise_l)
-            x = self.from_block_rows(rows, kind, b)
-            if i == 0:
-                x = self.after_block(x, 0, b)
-            if dynamic:
-                per_layer.append(self._clip_aux(aux_l, i, kind, b, rep))
+            def body(block, x, noise_l, i=i):
+                return run(block, x, i, BLOCK_KINDS[i % 2], noise_l)
+            if self.remat:
+                import flax.linen as nn
+                from dydit_jax.models.dit import remat_policy
+                body = nn.remat(body, prevent_cse=True, policy=remat_policy(self.remat_policy))
+            x, aux_l = body(self.blocks[i], materialize_gradient(x), layer_noise(i))
+            per_layer.append(aux_l)
         if not dynamic:
             return x, {}
-        aux = jax.tree_util.tree_map(lambda *a: jnp.stack(a, axis=1), *per_layer)
-        return x, aux
+        return x, jax.tree_util.tree_map(lambda *a: jnp.stack(a, axis=1), *per_layer)
 
     def _gumbel_noise(self, given, batch: int):
         """Train-mode Gumbel draws {"head"|"group"|"token": (g1, g2)}, each [B, L, ...]: the
@@ -191,7 +225,7 @@ class Latte(DiT):
             g = g.transpose(0, 2, 1)
         return g.reshape(-1, g.shape[-1])
 
-    def _clip_aux(self, aux, i: int, kind: str, batch: int, rep: int):
+    def _clip_aux(self, aux, routed: bool, kind: str, batch: int, rep: int):
         """A block's aux over its rows -> per clip: width masks/logits [B, ...] (every row of
         a clip holds the same), token masks/logits [B, F*N] in (frame, position) order."""
         out = {k: aux[k][::rep] for k in ("head_masks", "head_logits", "group_masks",
@@ -199,7 +233,7 @@ class Latte(DiT):
         if not self.dynamic_tokens:
             return out
         f, n = self.num_frames, self.num_patches
-        if self.block_has_token_router(i):
+        if routed:
             for k in ("token_masks", "token_logits"):
                 v = aux[k].reshape(batch, -1, aux[k].shape[-1])      # [B, F, N] or [B, N, F]
                 if kind == "temporal":
