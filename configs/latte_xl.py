@@ -40,7 +40,9 @@ The release's recipe (Vchitect/Latte configs/ucf101/ucf101_train.yaml, ucf101_sa
 sample/sample_ddp.py): AdamW lr 1e-4 without weight decay, EMA 0.9999, learned sigma; samples
 with 250 DDPM steps and CFG 7.0 on all 4 eps channels, labels uniform over the 101 classes
 for FVD. Not modelled: its gradient clipping at 0.1 that starts at step 100k
-(`train.grad_clip=0.1` clips from the first step). Blocks are rematerialised and not scanned.
+(`train.grad_clip=0.1` clips from the first step). Blocks are rematerialised and not scanned
+(a scanned Latte stacks one parameter tree for all blocks, which `tokens=spatial|temporal`
+routers do not have; `--config.model.scan_layers=True` works with `tokens=both`).
 Expected: the Latte paper's UCF-101 FVD for the release weights; DyDiT-Latte has no published
 number. Neither is reproduced here (no accelerator or UCF-101 in CI).
 """

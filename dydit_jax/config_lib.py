@@ -431,9 +431,14 @@ def check_sources(config: ml_collections.ConfigDict, workdir: str) -> None:
         _check_exists(config, "evaluate.vae_dir", vae_hint)
     if mode in ("sample", "train"):   # train mode samples at the end
         _check_exists(config, "sample.vae_dir", vae_hint)
+    latent_samples = config.model.in_channels not in (1, 3)   # pictures have 1 or 3 channels
     if (mode == "extract" or (mode == "evaluate" and dc.name == "latents")) and not ec.vae_dir:
         _fail("evaluate.vae_dir", ec.vae_dir, f"mode={mode} with data.name={dc.name} needs the "
               f"VAE of the latents: {vae_hint}")
+    if mode == "evaluate" and latent_samples and not ec.vae_dir:
+        _fail("evaluate.vae_dir", ec.vae_dir, f"mode=evaluate decodes the model's "
+              f"{config.model.in_channels}-channel latent samples to pictures with the VAE of "
+              f"its latents: {vae_hint}")
     if mode == "evaluate":
         from dydit_jax import families
         video = families.family_of(config).video

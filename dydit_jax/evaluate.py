@@ -587,7 +587,7 @@ def evaluate_from_workdir(config, workdir: str, params=None, feature_model=None,
         feature_model = load_feature_model(config)
     if ec.reference_batch:
         check_reference_batch(config)
-    if is_latent(config) and not ec.vae_dir:
+    if (is_latent(config) or config.model.in_channels not in (1, 3)) and not ec.vae_dir:
         load_vae(config)  # raises: which VAE to set
     paths, sampled = sample_chunks(config, workdir, params)
     mesh = sharding_lib.create_mesh(config.mesh.data, config.mesh.fsdp)

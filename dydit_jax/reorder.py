@@ -28,6 +28,10 @@ problem.
 
 Works on unstacked params (`blocks_0 .. blocks_{L-1}`) and on scan_layers params (`blocks`
 with a leading depth axis); accepts the params dict or a `{"params": ...}` variables dict.
+Importance is read from the weights alone (no data), so any model whose blocks are DiT blocks
+is reordered alike: DiT, SiT and Latte (spatial and temporal blocks are the same `DiTBlock`
+tree; a block without a token router, e.g. a temporal one with `token_blocks="spatial"`, has
+nothing else to move).
 """
 from __future__ import annotations
 
@@ -233,9 +237,10 @@ def reorder_by_importance(params: Mapping, num_heads: int, scan_layers: bool = F
     important). Returns (new_params, perms) with perms = {"heads": [L, H], "groups": [L, H]}
     int arrays: slot s of block l now holds old head (group) perms[...][l, s].
 
-    `params`: DiT params (or {"params": ...}); `scan_layers`: the blocks are stacked under
-    "blocks". The static model computes the same function before and after. Raises when width
-    routers are present unless `allow_fresh_routers` (see the module docstring).
+    `params`: DiT, SiT or Latte params (or {"params": ...}); `scan_layers`: the blocks are
+    stacked under "blocks". The static model computes the same function before and after.
+    Raises when width routers are present unless `allow_fresh_routers` (see the module
+    docstring).
     """
     imp = importance(params, num_heads, scan_layers)
     perms = {k: np.argsort(-v, axis=-1, kind="stable").astype(np.int32)

@@ -13,7 +13,7 @@ import pytest
 from dydit_jax import plots
 from dydit_jax.diffusion import create_diffusion
 from dydit_jax.models import Latte
-from dydit_jax.models.dit import DiT, eval_width_masks
+from dydit_jax.models.dit import DiT, DiTBlock, eval_width_masks
 from dydit_jax.reorder import apply_permutation, reorder_by_importance
 
 TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4, num_heads=4,
@@ -22,11 +22,18 @@ H, DEPTH, FRAMES = TINY["num_heads"], TINY["depth"], TINY["num_frames"]
 TIMES = (100, 900)   # the token figure's t (two, to keep it quick)
 
 
-def random_variables(model, seed=0):
+def _inputs(model, batch=3):
+    x = jnp.asarray(clips(batch, seed=2))
+    t = jnp.array([30.0, 500.0, 970.0][:batch])
+    y = jnp.array([1, 5, 9][:batch]) if model.conditional else None
+    return x, t, y
+
+
+def random_variables(model, apply, seed=0):
     """Every parameter redrawn (numpy: no per-leaf compiles): kernels ~ N(0, 1/fan_in) so
     t_emb and the residual stream are O(1), router kernels twice that and router biases
     N(0, 0.5^2), so heads, groups and tokens switch on and off with t and x (the init's
-    router biases keep them all on)."""
+    router biases keep them all on). `apply`: the jitted `model.apply`."""
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *model.dummy_inputs(1))
     rng = np.random.default_rng(seed)
 
@@ -37,7 +44,19 @@ def random_variables(model, seed=0):
         else:
             std = 0.5 if "router" in name else 0.1
         return jnp.asarray(std * rng.standard_normal(s.shape), s.dtype)
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+    variables = jax.tree_util.tree_map_with_path(draw, shapes)
+    # A token router's logits share the sign of its ReLU MLP's output weights for most x:
+    # centring them, block by block, at their median over some clips makes every block keep
+    # some tokens and skip others.
+    params = dict(variables["params"])
+    for l in range(model.depth):
+        if model.block_has_token_router(l):
+            _, aux = apply({"params": params}, *_inputs(model))
+            blk = params[f"blocks_{l}"] = dict(params[f"blocks_{l}"])
+            router = blk["token_router"] = dict(blk["token_router"])
+            median = float(np.median(np.asarray(aux["token_logits"])[:, l]))
+            router["fc2"] = {**router["fc2"], "bias": router["fc2"]["bias"] - median}
+    return {"params": params}
 
 
 def clips(batch=2, seed=1):
@@ -49,30 +68,32 @@ def clips(batch=2, seed=1):
 def conditional():
     """Class-conditional, token routers in every block."""
     model = Latte(**TINY, extras=2)
-    return model, random_variables(model)
+    apply = jax.jit(model.apply)
+    return model, random_variables(model, apply), apply
 
 
 @pytest.fixture(scope="module")
 def unconditional():
     """extras=1 (called without labels), token routers in the spatial blocks only."""
     model = Latte(**TINY, extras=1, token_blocks="spatial")
-    return model, random_variables(model, seed=1)
+    apply = jax.jit(model.apply)
+    return model, random_variables(model, apply, seed=1), apply
 
 
 def test_block_labels_name_spatial_and_temporal_blocks(conditional):
-    model, _ = conditional
+    model, _, _ = conditional
     assert plots.block_labels(model) == ["S0", "T1", "S2", "T3"]
     assert plots.block_labels(DiT(input_size=8, depth=3, hidden_size=32, num_heads=2)) is None
 
 
 def test_width_heatmap_of_a_latte(conditional, tmp_path):
-    model, variables = conditional
+    model, variables, _ = conditional
     path = tmp_path / "width_heatmap.png"
     t, heads, groups = plots.plot_width_heatmap(model, variables["params"], str(path),
                                                 num_timesteps=50)
     assert path.stat().st_size > 1000
     logits = model.apply(variables, jnp.asarray(t), method=model.width_logits)
-    for masks, want in zip((heads, groups), eval_width_masks(*logits, tau=5.0)):
+    for masks, want in zip((heads, groups), eval_width_masks(*logits, tau=DiTBlock.tau)):
         assert masks.shape == (50, DEPTH, H)
         np.testing.assert_array_equal(masks, np.asarray(want))
     assert 0 < heads.mean() < 1 and 0 < groups.mean() < 1
@@ -115,7 +136,7 @@ def test_clip_panel_puts_each_frame_under_its_input_frame():
 def test_token_masks_of_clips_one_panel_per_clip_and_t(which, request, tmp_path, monkeypatch):
     """Panels get the model's token masks [L, F*N] as per-frame maps [L, F, gh, gw]; the
     unconditional model is called without the labels it is given."""
-    model, variables = request.getfixturevalue(which)
+    model, variables, apply = request.getfixturevalue(which)
     panels, draw = [], plots.clip_panel
 
     def recorded(clip, token, cmap):
@@ -129,7 +150,6 @@ def test_token_masks_of_clips_one_panel_per_clip_and_t(which, request, tmp_path,
     assert len(panels) == len(x) * len(TIMES)
     gh, gw = model.grid_size
     diffusion, key = create_diffusion(""), jax.random.PRNGKey(0)
-    apply = jax.jit(model.apply)
     for j, t_orig in enumerate(TIMES):
         t = jnp.full((len(x),), t_orig, jnp.int32)
         x_t = plots.noisy_images(diffusion, jnp.asarray(x), t, jax.random.fold_in(key, j))
@@ -149,18 +169,11 @@ def test_token_masks_of_clips_one_panel_per_clip_and_t(which, request, tmp_path,
     assert png.shape[1] >= len(TIMES) * FRAMES * plots.TILE_INCHES * 120
 
 
-def _inputs(model, batch=3):
-    x = jnp.asarray(clips(batch, seed=2))
-    t = jnp.array([30.0, 500.0, 970.0][:batch])
-    y = jnp.array([1, 5, 9][:batch]) if model.conditional else None
-    return x, t, y
-
-
 @pytest.mark.parametrize("which", ["conditional", "unconditional"])
 def test_reordered_latte_computes_the_same(which, request):
     """Complete path: the same function (as the DiT's); refused with trained-looking width
     routers unless told they are fresh."""
-    model, variables = request.getfixturevalue(which)
+    model, variables, _ = request.getfixturevalue(which)
     with pytest.raises(ValueError, match="router"):
         reorder_by_importance(variables, H)
     new, perms = reorder_by_importance(variables, H, allow_fresh_routers=True)
@@ -199,12 +212,13 @@ def test_masked_path_follows_a_consistent_permutation(which, request):
       permuted with the heads (groups), the token masks unchanged;
     - fresh (all-on) width routers and `reorder_by_importance`: the same output and token
       masks (the token routers read the residual stream, which reordering leaves as it is)."""
-    model, variables = request.getfixturevalue(which)
-    masked = jax.jit(model.apply)
+    model, variables, masked = request.getfixturevalue(which)
     inputs = _inputs(model)
     out, aux = masked(variables, *inputs)
     assert 0 < float(aux["head_masks"].mean()) < 1
-    assert 0 < float(aux["token_masks"].mean()) < 1
+    kept = np.asarray(aux["token_masks"]).mean((0, 2))   # per block
+    for l in range(DEPTH):
+        assert 0 < kept[l] < 1 if model.block_has_token_router(l) else kept[l] == 1
 
     rng = np.random.default_rng(0)
     perms = {k: np.stack([np.concatenate([[0], 1 + rng.permutation(H - 1)])
@@ -230,3 +244,19 @@ def test_masked_path_follows_a_consistent_permutation(which, request):
     np.testing.assert_allclose(out2, out, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(aux2["token_masks"], aux["token_masks"])
     assert 0 < float(aux["token_masks"].mean()) < 1
+
+
+def test_reorder_of_a_scanned_latte(conditional):
+    """scan_layers stacks a Latte's blocks as a scanned DiT's: the same permutations as the
+    unrolled blocks', and the scanned model computes the same after them."""
+    from dydit_jax import convert
+    model, variables, _ = conditional
+    scanned = Latte(**TINY, extras=2, scan_layers=True)
+    stacked = {"params": convert.to_layout(variables["params"], scan_layers=True)}
+    new, perms = reorder_by_importance(stacked, H, scan_layers=True, allow_fresh_routers=True)
+    _, unrolled = reorder_by_importance(variables, H, allow_fresh_routers=True)
+    for k in ("heads", "groups"):
+        np.testing.assert_array_equal(perms[k], unrolled[k])
+    complete = jax.jit(lambda v, x, t, y: scanned.apply(v, x, t, y, complete=True)[0])
+    np.testing.assert_allclose(complete(new, *_inputs(scanned)),
+                               complete(stacked, *_inputs(scanned)), atol=1e-5, rtol=0)
