@@ -6,6 +6,13 @@ reads from `config.model`, whether it is a flow-matching model, and whether its 
 videos. A family is chosen by `config.model.family`, or for a named model by the name's prefix
 ("DiT-XL/2", "SiT-S/2", "Latte-XL/2"); "custom" sizes take `family` (default: "sit" when
 `config.transport.enabled`, else "dit").
+
+What an entry does not need to hold, because the model answers it: the engine block kind and
+the FLOPs counter read the model's token-grouping interface (`block_kinds`, `to_block_rows`,
+`after_block`, `tokens_per_sample`: a DiT attends per image, a Latte per frame / per position;
+`flops.block_shapes`), and the converter maps a checkpoint onto the model's own parameter tree
+(with its fixed sin-cos tables, `convert._FIXED_BUFFERS`). The objective and the sampler follow
+`flow` (ADM diffusion or flow matching); `video` selects clip data, strip grids / GIFs and FVD.
 """
 from __future__ import annotations
 
