@@ -241,12 +241,13 @@ def run_config(args, name, dtype_name, results, out_path, meta):
     if video:
         name = name.replace("DiT", "Latte")
         model = Latte_models[name](num_classes=1000, input_size=args.input_size,
-                                   num_frames=args.frames, extras=2, dynamic=True, dtype=dtype)
+                                   num_frames=args.frames, extras=2, dynamic=True, dtype=dtype,
+                                   dynamic_tokens=not args.no_token_router)
     else:
         presets = SiT_models if flow else DiT_models
         name = name.replace("DiT", "SiT") if flow else name
         model = presets[name](num_classes=1000, input_size=args.input_size, dynamic=True,
-                              dtype=dtype)
+                              dtype=dtype, dynamic_tokens=not args.no_token_router)
     latent = tuple(model.dummy_inputs(1)[0].shape[1:])
     if flow:  # the solver's times are the schedule; num_steps counts grid points
         transport = create_transport("Linear", "velocity")
@@ -272,9 +273,9 @@ def run_config(args, name, dtype_name, results, out_path, meta):
 
     # Token rows: (width plan, keep) -> calibrated variables (DiT family only).
     token_rows = {}
-    if args.token_keep and (flow or video):
-        print(f"[{name} {dtype_name}] token rows skipped: --family {args.family} (calibrated "
-              "token rows are DiT-only)", flush=True)
+    if args.token_keep and (flow or video or args.no_token_router):
+        print(f"[{name} {dtype_name}] token rows skipped: calibrated token rows are for DiT "
+              "models with token routers", flush=True)
     elif args.token_keep:
         for w in args.token_widths:
             if w not in plans:
@@ -477,6 +478,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="DDIM steps / ODE solver steps")
     ap.add_argument("--input-size", type=int, default=32, help="latent side (32: 256 px)")
     ap.add_argument("--frames", type=int, default=16, help="--family latte: frames per clip")
+    ap.add_argument("--no-token-router", action="store_true",
+                    help="width-only models (dynamic_tokens=False): no SDT router cost")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--token-keep", nargs="*", type=float, default=[0.7, 0.5],
@@ -505,6 +508,7 @@ def main():
                                  cpu_count=os.cpu_count(), platform=platform.platform(),
                                  loadavg_start=os.getloadavg()),
                 cfg_scale=CFG_SCALE, family=args.family, input_size=args.input_size,
+                token_router=not args.no_token_router,
                 frames=args.frames if args.family == "latte" else None,
                 sampler=f"ode-{args.method}" if args.family == "sit" else "ddim",
                 steps=args.steps, grid=args.grid, token_keep=args.token_keep,

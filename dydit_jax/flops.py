@@ -80,7 +80,8 @@ ROUTER_PARTS = ("width_routers", "token_router")
 _DEFAULTS = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, learn_sigma=True, frequency_embedding_size=256,
                  num_frames=0,   # num_frames > 0: a Latte (video) clip of that many frames
-                 token_blocks="both")   # a dynamic Latte's blocks with SDT token routers
+                 token_blocks="both",   # a dynamic Latte's blocks with SDT token routers
+                 dynamic_tokens=True)   # False: no SDT token routers at all
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,20 +114,22 @@ def _resolve(model_or_config: Any) -> Dict[str, Any]:
         depth=int(cfg["depth"]), num_heads=heads,
         mlp_hidden=int(d * cfg["mlp_ratio"]), freq_dim=int(cfg["frequency_embedding_size"]),
         frames=int(cfg["num_frames"] or 0), token_blocks=str(cfg["token_blocks"]),
+        dynamic_tokens=bool(cfg["dynamic_tokens"]),
     )
 
 
 def block_shapes(model_or_config: Any):
     """Per block l: (tokens T, attention length S_l, has a token router) of one sample. A DiT:
-    (N, N, True) for every block; a Latte clip: T = F*N tokens, S = N in spatial blocks (even
+    (N, N, dynamic_tokens) for every block; a Latte clip: T = F*N tokens, S = N in spatial blocks (even
     l; F groups of N) and S = F in temporal ones (N groups of F); SDT where `token_blocks`
     says."""
     k = _resolve(model_or_config)
-    n, f = k["num_tokens"], k["frames"]
+    n, f, routed = k["num_tokens"], k["frames"], k["dynamic_tokens"]
     if not f:
-        return [(n, n, True)] * k["depth"]
+        return [(n, n, routed)] * k["depth"]
     kinds = ("spatial", "temporal")
-    return [(f * n, n if l % 2 == 0 else f, k["token_blocks"] in ("both", kinds[l % 2]))
+    return [(f * n, n if l % 2 == 0 else f,
+             routed and k["token_blocks"] in ("both", kinds[l % 2]))
             for l in range(k["depth"])]
 
 
@@ -308,8 +311,8 @@ def dynamic_macs(model_or_config: Any, head_counts, group_counts, token_counts=N
     all N tokens); the MLP runs t tokens through g groups (fc1 t*D*(g*hid/H), fc2 the same).
     Embedders, adaLN and the final layer always run in full. With `include_routers` the DyDiT
     routers are added: the two width routers (2 * D*(H-1) per block per sample; computed once
-    per timestep, tiny) and the token router (N * (D*D//16 + D//16) per block, always on every
-    token). With full counts and include_routers=False this equals `static_macs` exactly.
+    per timestep, tiny) and the token router (N * (D*D//16 + D//16) per block that has one,
+    on every token). With full counts and include_routers=False this equals `static_macs`.
     """
     k = _resolve(model_or_config)
     d, depth, heads = k["hidden_size"], k["depth"], k["num_heads"]
