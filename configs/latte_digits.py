@@ -14,9 +14,10 @@ README "Latte on moving digits" (loss, wall time, samples). Args: steps, batch, 
 (canvas), scale (digit upsampling).
 
 Dynamic Latte (DyDiT++ on video): `:lam=0.5` fine-tunes the run above (`init`, default
-runs/latte_digits) with the DyDiT recipe of `digits_dydit.py` (stage 1, target 1.0 for 100
-steps, a ramp to lambda over `warmup` steps, AdamW 3e-4, `steps` default 800), TDW routers in
-every block and SDT token routers where `tokens` says (both | spatial | temporal):
+runs/latte_digits) with the DyDiT recipe of `digits_dydit.py`: heads and groups sorted by
+importance, stage 1, target 1.0 for 100 steps, a ramp to lambda over `warmup` steps, AdamW
+3e-4, `steps` default 800; TDW routers in every block and SDT token routers where `tokens`
+says (both | spatial | temporal):
 
     python -m dydit_jax.main --config=configs/latte_digits.py:lam=0.5 \
         --workdir=runs/latte_digits_dydit
@@ -28,7 +29,7 @@ def get_config(arg=None):
     args = config_lib.parse_arg(arg, steps=3000, batch=16, frames=8, size=20, scale=2, lam=0.0,
                                 init="runs/latte_digits", warmup=300, tokens="both")
     c = config_lib.base_config()
-    c.model.update(name="custom", family="latte", hidden_size=96, depth=4, num_heads=4,
+    c.model.update(name="custom", family="latte", hidden_size=96, depth=8, num_heads=4,
                    patch_size=2, input_size=args.size, in_channels=1, num_classes=10,
                    num_frames=args.frames, extras=2, token_blocks=args.tokens)
     c.data.update(name="moving_digits", image_size=args.size, digit_scale=args.scale,
@@ -40,7 +41,7 @@ def get_config(arg=None):
                     classes=tuple(range(10)), guide_channels=-1)
     if args.lam > 0:
         c.dynamic.update(enabled=True, target=args.lam, warmup_steps=args.warmup,
-                         hold_steps=100, stage=1, reorder=False)
+                         hold_steps=100, stage=1, reorder=True)
         c.train.update(num_steps=args.steps if "steps" in (arg or "") else 800,
                        init_from=args.init, lr=3e-4)
     return c

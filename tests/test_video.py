@@ -102,3 +102,21 @@ def test_latte_digits_trains_and_samples_clips(tmp_path):
     assert gif.n_frames == 4
     strip = Image.open(out / "grid.png")
     assert strip.size == (2 + 4 * 18, 2 + 3 * 18)   # 4 frames per row, one row per clip
+
+    # `:lam=0.5` fine-tunes that run as a dynamic Latte (routers, reordering, the DyDiT
+    # objective with the clip's per-block constants) and samples it with the engine: the same
+    # clips as the masked path (uint8, same rng and labels).
+    arg = f"steps=2,batch=4,frames=4,size=16,scale=1,lam=0.5,init={tmp_path},warmup=1"
+    d = load_config("latte_digits", arg)
+    d.model.update(hidden_size=32, depth=2, num_heads=2)
+    d.dynamic.update(hold_steps=0)
+    d.train.update(log_every=1, checkpoint_every=2, async_checkpointing=False)
+    d.sample.update(num_steps=3, per_class=1, classes=(0, 1, 2))
+    config_lib.validate(d)
+    masked = main._run_mode(d, str(tmp_path / "dydit"))
+    d.mode, d.sample.engine = "sample", "gathered"
+    gathered = main._run_mode(d, str(tmp_path / "dydit"))
+    np.testing.assert_allclose(gathered, masked, atol=1e-5, rtol=1e-5)
+    import json
+    logged = [json.loads(line) for line in open(tmp_path / "dydit" / "metrics.jsonl")]
+    assert any("flops_ratio" in r for r in logged)
