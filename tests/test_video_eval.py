@@ -26,6 +26,7 @@ from dydit_jax.data import create_source
 from dydit_jax.evaluation import i3d
 from dydit_jax.evaluation.inception import torch_name
 from dydit_jax.evaluation.video_metrics import video_metrics
+from test_evaluate import TinyFeatures   # the Inception stand-in, shape-agnostic
 
 FRAMES, SIZE = 9, 12
 
@@ -52,21 +53,9 @@ class TinyClipFeatures(nn.Module):
         return {"features": logits, "logits": logits}
 
 
-class TinyFrameFeatures(nn.Module):
-    """The Inception's outputs at small sizes: pool [B, 8], spatial [B, 2, 2, 2], logits
-    [B, 10] of uint8 frames [B, 12, 12, 3]."""
-
-    @nn.compact
-    def __call__(self, images):
-        x = (images.astype(jnp.float32) / 255.0).reshape(len(images), -1)
-        pool = jnp.tanh(nn.Dense(8)(x))
-        spatial = jnp.tanh(nn.Dense(8)(x)).reshape(-1, 2, 2, 2)
-        return {"pool": pool, "spatial": spatial, "logits": nn.Dense(10)(pool)}
-
-
 @pytest.fixture(scope="module")
 def stand_ins():
-    clips, frames = TinyClipFeatures(), TinyFrameFeatures()
+    clips, frames = TinyClipFeatures(), TinyFeatures()
     return ((clips, clips.init(jax.random.PRNGKey(1), jnp.zeros((1, FRAMES, 224, 224, 3)))),
             (frames, frames.init(jax.random.PRNGKey(2), jnp.zeros((1, SIZE, SIZE, 3),
                                                                    jnp.uint8))))

@@ -52,10 +52,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from dydit_jax.convert import CheckpointMismatchError, load_state_dict
-from dydit_jax.evaluation.inception import torch_name
+from dydit_jax.evaluation.inception import match_torch_state
 
 INPUT_SIZE = 224
 NUM_FRAMES = 16
@@ -220,28 +219,10 @@ def torch_shape(shape: Tuple[int, ...]) -> Tuple[int, ...]:
 def from_pytorch(source: Any) -> Dict[str, Any]:
     """Flax variables {"params", "batch_stats"} of `InceptionI3d` from `i3d_pretrained_400.pt`
     (needs torch; .npz / .safetensors do not) or a loaded mapping name -> array; strict."""
-    state = load_state_dict(source)
-    expected = {}
-    for collection, tree in abstract_variables().items():
-        for path, leaf in traverse_util.flatten_dict(tree).items():
-            expected[torch_name(collection, path)] = (collection, path, leaf)
-
-    variables: Dict[str, Dict[Tuple[str, ...], Any]] = {c: {} for c in ("params", "batch_stats")}
-    unexpected, mismatched, seen = [], [], set()
-    for key, value in state.items():
-        if key not in expected:
-            if not _UNUSED_KEYS.search(key):
-                unexpected.append(key)
-            continue
-        seen.add(key)
-        collection, path, leaf = expected[key]
-        if tuple(value.shape) != torch_shape(leaf.shape):
-            mismatched.append((key, torch_shape(leaf.shape), tuple(value.shape)))
-            continue
-        if value.ndim == 5:  # OIDHW -> DHWIO
-            value = value.transpose(2, 3, 4, 1, 0)
-        variables[collection][path] = jnp.asarray(value, leaf.dtype)
-    missing = sorted(k for k in expected if k not in seen)
+    def to_flax(value):
+        return value.transpose(2, 3, 4, 1, 0) if value.ndim == 5 else value   # OIDHW -> DHWIO
+    variables, missing, unexpected, mismatched = match_torch_state(
+        load_state_dict(source), abstract_variables(), torch_shape, to_flax, _UNUSED_KEYS)
     if missing or unexpected or mismatched:
         hint = ""
         if any(k.startswith(("module.", "_orig_mod.")) for k in unexpected):
@@ -249,8 +230,8 @@ def from_pytorch(source: Any) -> Dict[str, Any]:
         elif mismatched and all(k.startswith("logits.") for k, _, _ in mismatched):
             hint = (f"the logits are not {NUM_CLASSES}-way: FVD uses the Kinetics-400 I3D "
                     f"(i3d_pretrained_400.pt).")
-        raise CheckpointMismatchError(missing, sorted(unexpected), mismatched, hint)
-    return {c: traverse_util.unflatten_dict(v) for c, v in variables.items()}
+        raise CheckpointMismatchError(missing, unexpected, mismatched, hint)
+    return variables
 
 
 def load_i3d(path: str, dtype: Any = jnp.float32) -> Tuple[InceptionI3d, Dict[str, Any]]:

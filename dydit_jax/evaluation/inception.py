@@ -274,41 +274,56 @@ def _torch_shape(shape: Tuple[int, ...]) -> Tuple[int, ...]:
     return tuple(shape[::-1])
 
 
-def from_pytorch(source: Any) -> Dict[str, Any]:
-    """Flax variables {"params", "batch_stats"} of `InceptionV3` from the pytorch-fid weight
-    file (.pth needs torch; .npz / .safetensors do not) or a loaded mapping name -> array;
-    strict."""
-    state = load_state_dict(source)
+def match_torch_state(state, abstract, shape_fn, layout_fn, unused):
+    """A PyTorch state dict onto Flax variables, strictly, for the feature networks (Inception,
+    I3D). `abstract`: {collection: tree of abstract leaves}; `shape_fn(flax shape)` -> the
+    PyTorch shape; `layout_fn(array)` -> the Flax layout; `unused`: a regex of keys to drop
+    (BatchNorm counters). Returns (variables, missing, unexpected, mismatched); the caller
+    raises `CheckpointMismatchError` with its own hint when any list is non-empty."""
     expected = {}
-    for collection, tree in abstract_variables().items():
+    for collection, tree in abstract.items():
         for path, leaf in traverse_util.flatten_dict(tree).items():
             expected[torch_name(collection, path)] = (collection, path, leaf)
-
-    variables: Dict[str, Dict[Tuple[str, ...], Any]] = {c: {} for c in ("params", "batch_stats")}
+    variables: Dict[str, Dict[Tuple[str, ...], Any]] = {c: {} for c in abstract}
     unexpected, mismatched, seen = [], [], set()
     for key, value in state.items():
         if key not in expected:
-            if not _UNUSED_KEYS.search(key):
+            if not unused.search(key):
                 unexpected.append(key)
             continue
         seen.add(key)
         collection, path, leaf = expected[key]
-        if tuple(value.shape) != _torch_shape(leaf.shape):
-            mismatched.append((key, _torch_shape(leaf.shape), tuple(value.shape)))
+        if tuple(value.shape) != shape_fn(leaf.shape):
+            mismatched.append((key, shape_fn(leaf.shape), tuple(value.shape)))
             continue
-        if value.ndim == 4:    # OIHW -> HWIO
-            value = value.transpose(2, 3, 1, 0)
-        elif value.ndim == 2:  # (out, in) -> (in, out)
-            value = value.T
-        variables[collection][path] = jnp.asarray(value, leaf.dtype)
+        variables[collection][path] = jnp.asarray(layout_fn(value), leaf.dtype)
     missing = sorted(k for k in expected if k not in seen)
+    variables = {c: traverse_util.unflatten_dict(v) for c, v in variables.items()}
+    return variables, missing, sorted(unexpected), mismatched
+
+
+def _to_flax_layout(value):
+    if value.ndim == 4:    # OIHW -> HWIO
+        return value.transpose(2, 3, 1, 0)
+    if value.ndim == 2:    # (out, in) -> (in, out)
+        return value.T
+    return value
+
+
+def from_pytorch(source: Any) -> Dict[str, Any]:
+    """Flax variables {"params", "batch_stats"} of `InceptionV3` from the pytorch-fid weight
+    file (.pth needs torch; .npz / .safetensors do not) or a loaded mapping name -> array;
+    strict."""
+    variables, missing, unexpected, mismatched = match_torch_state(
+        load_state_dict(source), abstract_variables(), _torch_shape, _to_flax_layout,
+        _UNUSED_KEYS)
     if missing or unexpected or mismatched:
         hint = ""
         if any(k.startswith("AuxLogits.") for k in unexpected):
             hint = ("this is torchvision's ImageNet Inception-v3, not the FID network: use "
                     "pt_inception-2015-12-05-6726825d.pth (see dydit_jax.evaluation.inception).")
-        raise CheckpointMismatchError(missing, sorted(unexpected), mismatched, hint)
-    return {c: traverse_util.unflatten_dict(v) for c, v in variables.items()}
+        raise CheckpointMismatchError(missing, unexpected, mismatched, hint)
+    return variables
 
 
 def load_inception(path: str, image_size: Optional[int] = INPUT_SIZE, dtype: Any = jnp.float32

@@ -669,7 +669,7 @@ class DiT(nn.Module):
         float64 for a float64 model)."""
         return self.unpatchify(self.final_layer(tokens, c)).astype(_float_dtype(self.dtype))
 
-    def __call__(self, x, t, y, train: bool = False, force_drop_ids=None,
+    def __call__(self, x, t, y=None, train: bool = False, force_drop_ids=None,
                  complete: bool = False, gumbel_noise=None):
         self._check_inputs(x, t, y)
         tokens, c, t_emb = self.embed(x, t, y, train=train, force_drop_ids=force_drop_ids)

@@ -251,18 +251,6 @@ class Latte(DiT):
         out = self.unpatchify(self.final_layer(tokens, jnp.repeat(c, f, axis=0)))
         return out.reshape((b, f) + out.shape[1:]).astype(_float_dtype(self.dtype))
 
-    def __call__(self, x, t, y=None, train: bool = False, force_drop_ids=None,
-                 complete: bool = False, gumbel_noise=None):
-        self._check_inputs(x, t, y)
-        tokens, c, t_emb = self.embed(x, t, y, train=train, force_drop_ids=force_drop_ids)
-        complete = complete or not self.dynamic
-        tokens, aux = self.run_blocks(tokens, c, t_emb, train=train, complete=complete,
-                                      gumbel_noise=gumbel_noise)
-        out = self.head(tokens, c)
-        if not self.dynamic:
-            return out
-        return out, (None if complete else aux)
-
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Optional[int] = 4,
                          complete: bool = False):
         """Classifier-free guidance in one batched pass, as the release: rows [0:n]
