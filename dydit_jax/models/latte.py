@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dydit_jax.models.dit import (DiT, _float_dtype, _get_1d_sincos, _pair, guide,
+from dydit_jax.models.dit import (DiT, _float_dtype, _get_1d_sincos, _pair,
                                   make_presets, materialize_gradient)
 
 EXTRAS = (1, 2)   # 1: unconditional, 2: class-conditional (the release's names)
@@ -253,16 +253,9 @@ class Latte(DiT):
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Optional[int] = 4,
                          complete: bool = False):
-        """Classifier-free guidance in one batched pass, as the release: rows [0:n]
-        conditional, [n:2n] the null label; only x[:n] is used (duplicated). The first
-        `guide_channels` (the release: all 4) eps channels are guided, the rest pass through
-        from each row's own output. `cfg_scale` may be traced."""
-        half = x[: x.shape[0] // 2]
-        out = self(jnp.concatenate([half, half], axis=0), t, y, complete=complete)
-        out, aux = out if self.dynamic else (out, None)
-        guided, rest = guide(out, cfg_scale, self.in_channels, guide_channels)
-        out = jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
-        return (out, aux) if self.dynamic else out
+        """`DiT.forward_with_cfg` (rows [0:n] conditional, [n:2n] the null label; `cfg_scale`
+        may be traced) guiding, as the release does, all 4 eps channels by default."""
+        return super().forward_with_cfg(x, t, y, cfg_scale, guide_channels, complete)
 
     def dummy_inputs(self, batch: int = 1, dtype=jnp.float32):
         """Zero inputs of the model's shapes (init, shape inference)."""
