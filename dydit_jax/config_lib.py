@@ -631,7 +631,8 @@ def _check_model(config) -> None:
     if family.video:
         _check_positive(config, "model.num_frames")
         _check_choice(config, "model.extras", (1, 2))
-        _check_choice(config, "model.token_blocks", ("both", "spatial", "temporal"))
+        from dydit_jax.models.latte import TOKEN_BLOCKS
+        _check_choice(config, "model.token_blocks", TOKEN_BLOCKS)
         if config.data.name in VIDEO_SOURCES and config.data.num_frames != mc.num_frames:
             _fail("data.num_frames", config.data.num_frames, f"the clips must have the "
                   f"model's config.model.num_frames={mc.num_frames} frames")

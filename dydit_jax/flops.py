@@ -120,16 +120,16 @@ def _resolve(model_or_config: Any) -> Dict[str, Any]:
 
 def block_shapes(model_or_config: Any):
     """Per block l: (tokens T, attention length S_l, has a token router) of one sample. A DiT:
-    (N, N, dynamic_tokens) for every block; a Latte clip: T = F*N tokens, S = N in spatial blocks (even
-    l; F groups of N) and S = F in temporal ones (N groups of F); SDT where `token_blocks`
-    says."""
+    (N, N, dynamic_tokens) for every block; a Latte clip: T = F*N tokens, S = N in spatial
+    blocks (even l; F groups of N) and S = F in temporal ones (N groups of F); SDT where
+    `token_blocks` says (the rule of `Latte.block_has_token_router`, here for configs too)."""
     k = _resolve(model_or_config)
     n, f, routed = k["num_tokens"], k["frames"], k["dynamic_tokens"]
     if not f:
         return [(n, n, routed)] * k["depth"]
-    kinds = ("spatial", "temporal")
-    return [(f * n, n if l % 2 == 0 else f,
-             routed and k["token_blocks"] in ("both", kinds[l % 2]))
+    from dydit_jax.models.latte import BLOCK_KINDS
+    return [(f * n, n if BLOCK_KINDS[l % 2] == "spatial" else f,
+             routed and k["token_blocks"] in ("both", BLOCK_KINDS[l % 2]))
             for l in range(k["depth"])]
 
 
@@ -448,6 +448,7 @@ def xla_flops(compiled) -> float:
 
 __all__ = [
     "PAPER_GFLOPS_256", "PARTS", "ATTENTION_PARTS", "MLP_PARTS", "ROUTER_PARTS",
-    "static_macs", "block_shapes", "block_costs", "model_block_costs", "flops_ratio", "flops_loss", "counts_from_masks",
+    "static_macs", "block_shapes", "block_costs", "model_block_costs", "flops_ratio",
+    "flops_loss", "counts_from_masks",
     "dynamic_macs", "macs_ratio", "jaxpr_macs", "xla_flops",
 ]

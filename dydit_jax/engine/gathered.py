@@ -307,14 +307,16 @@ def blocks_forward(model, blocks, x, c, widths: Width, sizes, capacities):
 
     cycle, batch = len(kinds), c.shape[0]
     widths = jax.tree_util.tree_map(lambda a: a.reshape((-1, cycle) + a.shape[1:]), widths)
+    # The conditioning of each kind's rows, once for the whole stack (it is the same per cycle).
+    c_rows = [jnp.repeat(c, jax.eval_shape(lambda x: model.to_block_rows(x, kind, batch),
+                                           x).shape[0] // batch, axis=0) for kind in kinds]
 
     def cycle_body(x, layer):
         j, bps, width = layer
         kept = []
         for p, kind in enumerate(kinds):
             rows = model.to_block_rows(x, kind, batch)
-            c_rows = jnp.repeat(c, rows.shape[0] // batch, axis=0)
-            rows, k = block_forward(model, bps[p], rows, c_rows,
+            rows, k = block_forward(model, bps[p], rows, c_rows[p],
                                     jax.tree_util.tree_map(lambda a: a[p], width), sizes,
                                     sizes, capacities, index=p)
             x = model.after_block(model.from_block_rows(rows, kind, batch), j * cycle + p,

@@ -33,12 +33,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dydit_jax.models.dit import (DiT, _float_dtype, _get_1d_sincos, _pair,
-                                  make_presets, materialize_gradient)
+                                  make_presets, materialize_gradient, remat_policy)
 
 EXTRAS = (1, 2)   # 1: unconditional, 2: class-conditional (the release's names)
 BLOCK_KINDS = ("spatial", "temporal")   # block i is BLOCK_KINDS[i % 2]
@@ -112,12 +113,14 @@ class Latte(DiT):
     def after_block(self, x, index, batch: int):
         """What runs between blocks, on tokens [(b f), N, D]: the frame table after block 0.
         `index` may be traced (the engine's scan); the other blocks leave x as it is."""
-        if isinstance(index, int) and index != 0:
-            return x
         table = self.temp_embed().astype(x.dtype)[0]                  # [F, D]
-        f = table.shape[0]
-        added = (x.reshape((batch, f) + x.shape[1:]) + table[None, :, None]).reshape(x.shape)
-        return added if isinstance(index, int) else jnp.where(index == 0, added, x)
+
+        def add(x):
+            f = table.shape[0]
+            return (x.reshape((batch, f) + x.shape[1:]) + table[None, :, None]).reshape(x.shape)
+        if isinstance(index, int):
+            return add(x) if index == 0 else x
+        return jax.lax.cond(index == 0, add, lambda x: x, x)   # no work after other blocks
 
     def temp_embed(self):
         """Fixed [1, F, D] frame table, rounded through float32 as the release stores it."""
@@ -165,8 +168,6 @@ class Latte(DiT):
             return None if noise is None else jax.tree_util.tree_map(lambda g: g[:, i], noise)
 
         if self.scan_layers:
-            import flax.linen as nn
-
             def body(block, x, layer):
                 i, noise_l = layer
                 return nn.cond(i % 2 == 0,
@@ -174,7 +175,6 @@ class Latte(DiT):
                                lambda blk, x, n: run(blk, x, i, "temporal", n),
                                block, materialize_gradient(x), noise_l)
             if self.remat:
-                from dydit_jax.models.dit import remat_policy
                 body = nn.remat(body, prevent_cse=False, policy=remat_policy(self.remat_policy))
             layers = (jnp.arange(self.depth, dtype=jnp.int32),
                       None if noise is None else jax.tree_util.tree_map(
@@ -190,8 +190,6 @@ class Latte(DiT):
             def body(block, x, noise_l, i=i):
                 return run(block, x, i, BLOCK_KINDS[i % 2], noise_l)
             if self.remat:
-                import flax.linen as nn
-                from dydit_jax.models.dit import remat_policy
                 body = nn.remat(body, prevent_cse=True, policy=remat_policy(self.remat_policy))
             x, aux_l = body(self.blocks[i], materialize_gradient(x), layer_noise(i))
             per_layer.append(aux_l)
@@ -217,13 +215,20 @@ class Latte(DiT):
     def _per_row(self, g, name: str, kind: str, batch: int):
         """One block's per-clip draw [B, ...] -> the block's rows: width noise repeated over
         the clip's rows, token noise [B, F*N] regrouped like the tokens."""
-        f, n = self.num_frames, self.num_patches
         if name != "token":
-            return jnp.repeat(g, f if kind == "spatial" else n, axis=0)
-        g = g.reshape(batch, f, n)
-        if kind == "temporal":
-            g = g.transpose(0, 2, 1)
-        return g.reshape(-1, g.shape[-1])
+            return jnp.repeat(g, self.num_frames if kind == "spatial" else self.num_patches,
+                              axis=0)
+        return self._token_rows(g, kind, batch)
+
+    def _token_rows(self, v, kind: str, batch: int):
+        """Per-token values of a clip [B, F*N] -> block `kind`'s rows [rows, S], grouped as
+        `to_block_rows` groups the tokens."""
+        tokens = v.reshape(batch * self.num_frames, self.num_patches, 1)
+        return self.to_block_rows(tokens, kind, batch)[..., 0]
+
+    def _token_clip(self, v, kind: str, batch: int):
+        """The inverse of `_token_rows`: [rows, S] -> [B, F*N] in (frame, position) order."""
+        return self.from_block_rows(v[..., None], kind, batch).reshape(batch, -1)
 
     def _clip_aux(self, aux, routed: bool, kind: str, batch: int, rep: int):
         """A block's aux over its rows -> per clip: width masks/logits [B, ...] (every row of
@@ -232,16 +237,13 @@ class Latte(DiT):
                                           "group_logits")}
         if not self.dynamic_tokens:
             return out
-        f, n = self.num_frames, self.num_patches
         if routed:
             for k in ("token_masks", "token_logits"):
-                v = aux[k].reshape(batch, -1, aux[k].shape[-1])      # [B, F, N] or [B, N, F]
-                if kind == "temporal":
-                    v = v.transpose(0, 2, 1)
-                out[k] = v.reshape(batch, f * n)
+                out[k] = self._token_clip(aux[k], kind, batch)
         else:   # every token runs the MLP
-            out["token_masks"] = jnp.ones((batch, f * n), out["head_masks"].dtype)
-            out["token_logits"] = jnp.full((batch, f * n), jnp.inf, jnp.float32)
+            tokens = (batch, self.tokens_per_sample)
+            out["token_masks"] = jnp.ones(tokens, out["head_masks"].dtype)
+            out["token_logits"] = jnp.full(tokens, jnp.inf, jnp.float32)
         return out
 
     def head(self, tokens, c):
