@@ -1,9 +1,10 @@
 """Latte on moving digits: a small class-conditional video DiT trained and sampled on CPU.
 
-Clips of F = 8 frames on a 20x20 canvas, each one digit of scikit-learn's 8x8 set, upsampled to
-16x16 (nearest, `scale=2`), moving and bouncing (`dydit_jax/data/moving_digits.py`; class = the
-digit; no download). A Latte with D=96, depth 4 (two spatial + temporal pairs), 4 heads, patch
-2 (100 tokens per frame, 800 per clip), ADM diffusion with learned sigma, AdamW 1e-3, EMA
+Clips of F = 8 frames on a 22x22 canvas, each one digit of scikit-learn's 8x8 set, upsampled to
+16x16 (nearest, `scale=2`), moving and bouncing in steps of 2 px (`step=2`: every source pixel
+stays on one 2x2 patch, as in the image digits; `dydit_jax/data/moving_digits.py`; class = the
+digit; no download). A Latte with D=96, depth 8 (four spatial + temporal pairs), 4 heads, patch
+2 (121 tokens per frame, 968 per clip), ADM diffusion with learned sigma, AdamW 1e-3, EMA
 0.995, batch 16; samples with 50 DDIM steps and CFG 3 on the gray channel.
 
     python -m dydit_jax.main --config=configs/latte_digits.py --workdir=runs/latte_digits
@@ -11,7 +12,7 @@ digit; no download). A Latte with D=96, depth 4 (two spatial + temporal pairs), 
 writes `runs/latte_digits/samples/<step>-ddim50-cfg3/`: `grid.png` (one row per clip),
 `samples.gif` (all clips animated) and `samples.npz` (uint8 [N, F, H, W, C]). Expected: see
 README "Latte on moving digits" (loss, wall time, samples). Args: steps, batch, frames, size
-(canvas), scale (digit upsampling).
+(canvas), scale (digit upsampling), step (motion grid, px), speed (px per frame).
 
 Dynamic Latte (DyDiT++ on video): `:lam=0.5` fine-tunes the run above (`init`, default
 runs/latte_digits) with the DyDiT recipe of `digits_dydit.py`: heads and groups sorted by
@@ -26,7 +27,8 @@ from dydit_jax import config_lib
 
 
 def get_config(arg=None):
-    args = config_lib.parse_arg(arg, steps=3000, batch=16, frames=8, size=20, scale=2, lam=0.0,
+    args = config_lib.parse_arg(arg, steps=3000, batch=16, frames=8, size=22, scale=2, step=2,
+                                speed=2.0, lam=0.0,
                                 init="runs/latte_digits", warmup=300, tokens="both")
     c = config_lib.base_config()
     c.model.update(name="custom", family="latte", hidden_size=96, depth=8, num_heads=4,
@@ -34,7 +36,8 @@ def get_config(arg=None):
                    num_frames=args.frames, extras=2, token_blocks=args.tokens)
     c.data.update(name="moving_digits", image_size=args.size, digit_scale=args.scale,
                   channels=1, num_classes=10,
-                  num_frames=args.frames, num_examples=8 * 1797, max_speed=1.5)
+                  num_frames=args.frames, num_examples=8 * 1797, max_speed=args.speed,
+                  motion_step=args.step)
     c.train.update(batch_size=args.batch, num_steps=args.steps, lr=1e-3, ema_decay=0.995,
                    grad_clip=1.0, log_every=50, checkpoint_every=500, keep_period=0)
     c.sample.update(sampler="ddim", num_steps=50, cfg_scale=3.0, per_class=2, batch_size=20,

@@ -147,6 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
         ucf101_config="ucf101_1",   # ucf101: the tfds builder config (ucf101_1/_2/_3 splits)
         digit_scale=1,           # moving_digits: 1 = the 8x8 digit, 2 = 16x16
         max_speed=1.5,           # moving_digits: pixels per frame per axis
+        motion_step=1,           # moving_digits: positions on a grid of this many pixels
     ))
 
     c.train = ml_collections.ConfigDict(dict(

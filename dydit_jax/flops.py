@@ -172,8 +172,9 @@ def _latte_static_macs(k) -> Dict[str, int]:
     """`static_macs` of one Latte clip (F frames of N tokens; the release's computation):
     blocks alternate spatial (attention over N tokens per frame: F * N^2 * D per product) and
     temporal (over F frames per position: N * F^2 * D); token-wise matmuls run on all F * N
-    tokens; adaLN runs on the repeated conditioning, F rows in a spatial block and the final
-    layer, N rows in a temporal one; the timestep MLP once per clip."""
+    tokens; adaLN once per clip in every block and the final layer (the release computes it
+    on the conditioning repeated per frame / position, F or N rows, the same values: we
+    repeat its output instead, `dit.per_row`); the timestep MLP once per clip."""
     n, f, d, depth = k["num_tokens"], k["frames"], k["hidden_size"], k["depth"]
     p, hid = k["patch_size"], k["mlp_hidden"]
     pairs = depth // 2
@@ -182,14 +183,14 @@ def _latte_static_macs(k) -> Dict[str, int]:
         "patch_embed": tokens * (p * p * k["in_channels"]) * d,
         "t_embedder": k["freq_dim"] * d + d * d,
         "y_embedder": 0,
-        "adaLN": pairs * (f + n) * d * 6 * d,
+        "adaLN": depth * d * 6 * d,
         "attn_qkv": depth * tokens * d * 3 * d,
         "attn_qk": pairs * (f * n * n + n * f * f) * d,
         "attn_av": pairs * (f * n * n + n * f * f) * d,
         "attn_proj": depth * tokens * d * d,
         "mlp_fc1": depth * tokens * d * hid,
         "mlp_fc2": depth * tokens * hid * d,
-        "final_adaLN": f * d * 2 * d,
+        "final_adaLN": d * 2 * d,
         "final_linear": tokens * d * (p * p * k["out_channels"]),
     }
     out["total"] = sum(out[name] for name in PARTS)

@@ -121,6 +121,16 @@ def test_token_blocks_switch_places_the_token_routers(latte):
             jax.random.PRNGKey(0), *model.dummy_inputs(1))
 
 
+def test_static_macs_count_what_the_static_latte_computes():
+    # The counter's parts are the model's own matmuls, adaLN included (once per clip in every
+    # block and the final layer, `dit.per_row`): counted from the jaxpr of one clip.
+    model = Latte(**TINY, extras=2)
+    x, t, y = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in model.dummy_inputs(1))
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, y)
+    assert flops.jaxpr_macs(model.apply, variables, x, t, y) == \
+        flops.static_macs(model)["total"]
+
+
 def test_flops_loss_uses_spatial_and_temporal_block_constants(latte):
     model, variables = latte
     f, n, d, depth = 4, 16, 64, 4

@@ -38,6 +38,23 @@ def test_moving_digits_are_a_pure_function_of_the_index_and_move():
         ca["image"].tolist()
 
 
+def test_moving_digits_motion_step_keeps_upsampled_pixels_on_the_patch_grid():
+    # digit_scale=2 with motion_step=2: every corner is even, so each 2x2 patch of the canvas
+    # holds one source pixel (the layout the image digits DiT learns cleanly), and the clip
+    # still moves.
+    src = create_source(moving(image_size=22, digit_scale=2, motion_step=2, max_speed=2.0),
+                        local_batch_size=8)
+    clips = src.clips(np.arange(64))["image"][..., 0]
+    assert clips.shape == (64, 6, 22, 22)
+    patches = clips.reshape(64, 6, 11, 2, 11, 2)
+    assert (patches == patches[:, :, :, :1, :, :1]).all()
+    ink = clips > -1
+    centres = np.array([[np.argwhere(f).mean(0) for f in clip] for clip in ink])
+    assert (np.abs(np.diff(centres, axis=1)).sum(axis=(1, 2)) > 1).sum() >= 16
+    with pytest.raises(ValueError, match="motion_step=4 must be >= 1 and divide the room"):
+        create_source(moving(image_size=22, digit_scale=2, motion_step=4), local_batch_size=8)
+
+
 def test_moving_digits_resume_exactly_and_split_across_hosts():
     src = create_source(moving(), local_batch_size=8)
     for _ in range(3):

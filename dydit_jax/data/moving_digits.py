@@ -9,6 +9,8 @@ the same clip, on any host and after any restart (the ordering and resume come f
 Config keys (``config.data``): ``image_size`` (canvas, default 16), ``num_frames`` (8),
 ``digit_scale`` (1: the native 8x8 digit; 2: 16x16, nearest), ``num_examples`` (clips per
 epoch, default 1797: every digit image once), ``max_speed`` (pixels per frame, 1.5),
+``motion_step`` (1: positions on the pixel grid; k: on a grid of k pixels, e.g. 2 with
+``digit_scale=2``, so that every upsampled source pixel stays aligned with a 2x2 patch),
 ``channels`` (1 or 3), ``seed``, ``shuffle``. Values as the digits source: background -1,
 the digit's 17 gray levels mapped v -> v / 8 - 1; batches are {"image": float32
 [b, F, S, S, C], "label": int32 [b]}.
@@ -69,6 +71,11 @@ class MovingDigitsSource(base.DataSource):
             raise ValueError(f"moving digits: num_frames={self.num_frames} must be >= 1")
         self.room = self.canvas - size
         self.max_speed = float(base.cfg_get(cfg, "max_speed", 1.5))
+        self.motion_step = int(base.cfg_get(cfg, "motion_step", 1))
+        if self.motion_step < 1 or self.room % self.motion_step:
+            raise ValueError(f"moving digits: motion_step={self.motion_step} must be >= 1 and "
+                             f"divide the room the digit has ({self.room} px = image_size "
+                             f"{self.canvas} - digit {size}); change image_size or motion_step")
         self.seed = base._check_seed(base.cfg_get(cfg, "seed", 0))
         num = int(base.cfg_get(cfg, "num_examples", len(self._labels)) or len(self._labels))
         self._num_clips = num
@@ -84,7 +91,10 @@ class MovingDigitsSource(base.DataSource):
         """The clips of example indices (a pure function of the indices and the seed)."""
         indices = np.asarray(indices, np.int64)
         which = indices % len(self._labels)
-        corners = trajectories(self.seed, indices, self.num_frames, self.room, self.max_speed)
+        # The path is drawn on the coarse grid of motion_step pixels (speed in pixels, too).
+        step = self.motion_step
+        corners = step * trajectories(self.seed, indices, self.num_frames, self.room // step,
+                                      self.max_speed / step)
         return {"image": render(self._digits[which], corners, self.canvas),
                 "label": self._labels[which]}
 

@@ -511,13 +511,11 @@ class Engine:
             bp = (jax.tree_util.tree_map(lambda a: a[0], blocks[p])
                   if self.executor == "fused" else self._blocks[0])
             rows = jax.eval_shape(lambda x: model.to_block_rows(x, kind, 1), tokens)
-            c_rows = jax.ShapeDtypeStruct((rows.shape[0], model.hidden_size), model.dtype)
             for kh, kg in self.buckets.block_signatures():
                 fn = functools.partial(gathered.block_forward, model, head_sizes=(kh,),
                                        group_sizes=(kg,), capacities=self.capacities,
                                        index=p)
-                macs = flops.jaxpr_macs(lambda bp, x, c: fn(bp, x, c, width), bp, rows,
-                                        c_rows)
+                macs = flops.jaxpr_macs(lambda bp, x, c: fn(bp, x, c, width), bp, rows, c)
                 out[(kh, kg) if len(kinds) == 1 else (p, kh, kg)] = macs
         return out
 

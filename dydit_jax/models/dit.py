@@ -54,6 +54,18 @@ def _float_dtype(dtype: Dtype) -> Dtype:
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
+def per_row(v, rows: int):
+    """Per-sample values [B, ...] for `rows` = B * R sample-major rows (R > 1: a Latte
+    block's rows, (b f) or (b n)), each sample's value repeated R times; unchanged when
+    already per row. The adaLN layers read the conditioning once per sample through this
+    instead of once per row: the rows of a sample share c, so the values are the same."""
+    if v.shape[0] == rows:
+        return v
+    if rows % v.shape[0]:
+        raise ValueError(f"conditioning of {v.shape[0]} samples cannot cover {rows} rows")
+    return jnp.repeat(v, rows // v.shape[0], axis=0)
+
+
 def modulate(x, shift, scale):
     """adaLN modulation. x: [B, N, D]; shift, scale: [B, D]."""
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
@@ -429,7 +441,7 @@ class DiTBlock(nn.Module):
         return self.head_router(t_emb), self.group_router(t_emb)
 
     def __call__(self, x, c, t_emb=None, noise=None, train: bool = False, complete: bool = True):
-        mod = self.adaLN_modulation(nn.silu(c))
+        mod = per_row(self.adaLN_modulation(nn.silu(c)), x.shape[0])   # c: [B or rows, D]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         mlp_eps = numerics_settings(self.numerics)["mlp_norm_eps"]
         if not self.dynamic or complete:
@@ -484,7 +496,7 @@ class FinalLayer(nn.Module):
         mod = nn.Dense(2 * self.hidden_size, kernel_init=zeros, bias_init=zeros,
                        dtype=self.dtype, param_dtype=self.param_dtype,
                        name="adaLN_modulation")(nn.silu(c))
-        shift, scale = jnp.split(mod, 2, axis=-1)
+        shift, scale = jnp.split(per_row(mod, x.shape[0]), 2, axis=-1)
         x = modulate(layer_norm(x), shift, scale)
         return nn.Dense(self.patch_size * self.patch_size * self.out_channels,
                         kernel_init=zeros, bias_init=zeros, dtype=self.dtype,

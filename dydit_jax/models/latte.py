@@ -159,7 +159,9 @@ class Latte(DiT):
             noise_rows = None if noise_l is None else {
                 k: tuple(self._per_row(g, k, kind, b) for g in pair)
                 for k, pair in noise_l.items() if k != "token" or routed}
-            rows, aux = block(rows, jnp.repeat(c, rep, axis=0), jnp.repeat(t_emb, rep, axis=0),
+            # c per clip: the block's adaLN runs once per clip (`dit.per_row`); the width
+            # routers read t_emb per row, so that the masked path's masks are per row.
+            rows, aux = block(rows, c, jnp.repeat(t_emb, rep, axis=0),
                               noise_rows, train=train, complete=not dynamic)
             x = self.after_block(self.from_block_rows(rows, kind, b), i, b)
             return x, (self._clip_aux(aux, routed, kind, b, rep) if dynamic else {})
@@ -250,7 +252,7 @@ class Latte(DiT):
         """tokens [(B F), N, D], c [B, D] -> [B, F, H, W, C_out] (float32 or float64)."""
         b = c.shape[0]
         f = tokens.shape[0] // b
-        out = self.unpatchify(self.final_layer(tokens, jnp.repeat(c, f, axis=0)))
+        out = self.unpatchify(self.final_layer(tokens, c))   # adaLN once per clip
         return out.reshape((b, f) + out.shape[1:]).astype(_float_dtype(self.dtype))
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels: Optional[int] = 4,
