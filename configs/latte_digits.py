@@ -22,6 +22,9 @@ says (both | spatial | temporal):
 
     python -m dydit_jax.main --config=configs/latte_digits.py:lam=0.5 \
         --workdir=runs/latte_digits_dydit
+
+`:lam=0.5,peft=tdlora` (or `lora`) is the DyDiT++ PEFT recipe on video: the base frozen,
+TD-LoRA adapters and the routers trained at `peft_lr` (1e-3).
 """
 from dydit_jax import config_lib
 
@@ -29,7 +32,8 @@ from dydit_jax import config_lib
 def get_config(arg=None):
     args = config_lib.parse_arg(arg, steps=3000, batch=16, frames=8, size=22, scale=2, step=2,
                                 speed=2.0, lam=0.0,
-                                init="runs/latte_digits", warmup=300, tokens="both")
+                                init="runs/latte_digits", warmup=300, tokens="both",
+                                peft="none", peft_lr=1e-3)
     c = config_lib.base_config()
     c.model.update(name="custom", family="latte", hidden_size=96, depth=8, num_heads=4,
                    patch_size=2, input_size=args.size, in_channels=1, num_classes=10,
@@ -47,4 +51,9 @@ def get_config(arg=None):
                          hold_steps=100, stage=1, reorder=True)
         c.train.update(num_steps=args.steps if "steps" in (arg or "") else 800,
                        init_from=args.init, lr=3e-4)
+        config_lib.apply_peft_arg(c, args.peft, args.peft_lr)
+    elif args.peft != "none":
+        raise config_lib.ConfigError(f"peft={args.peft} is the DyDiT++ PEFT recipe: it "
+                                     "fine-tunes a trained run with lam=, e.g. "
+                                     "latte_digits.py:lam=0.5,peft=tdlora")
     return c

@@ -260,3 +260,27 @@ def test_scan_layers_equals_the_unrolled_stack(latte):
     with pytest.raises(NotImplementedError, match="token_blocks"):
         Latte(**TINY, dynamic=True, scan_layers=True, token_blocks="spatial").init(
             jax.random.PRNGKey(0), *model.dummy_inputs(1))
+
+
+def test_engine_with_tdlora_latte_equals_the_masked_path(latte):
+    """DyDiT++ PEFT on video: TD-LoRA adapters on a dynamic Latte, merged per step by the
+    engine (`Engine._merged` on its per-kind block stacks), equal the masked sampler on the
+    PEFT model's merged weights, and the adapters change the samples."""
+    from dydit_jax import peft
+    from test_peft import sharp_adapters
+    model, base = latte
+    spec = peft.LoraSpec(method="tdlora", rank=2, experts=3)
+    adapters = sharp_adapters(peft.init_adapters(base["params"], spec, jax.random.PRNGKey(2),
+                                                 model.hidden_size))
+    variables = {"params": peft.combine(base["params"], adapters)}
+    ddim = create_diffusion("ddim5")
+    labels = LABELS[:4]
+    merged = peft.PeftModel(model, spec, mode="merged")
+    kw = dict(sampler="ddim", clip_denoised=True)
+    ref = np.asarray(make_sample_fn(merged, ddim, **kw)(variables, jax.random.PRNGKey(0),
+                                                         labels, 3.0))
+    plain = np.asarray(make_sample_fn(model, ddim, **kw)(base, jax.random.PRNGKey(0), labels,
+                                                          3.0))
+    assert np.abs(ref - plain).max() > 0.05, "the adapters matter"
+    eng = Engine(model, variables, ddim, peft=spec, **kw, **COARSE)
+    np.testing.assert_allclose(eng.sample(jax.random.PRNGKey(0), labels, 3.0), ref, **TOL)

@@ -257,10 +257,15 @@ class Engine:
 
     def _merged(self, rest, blocks, t):
         """The step's weights W + delta W(t) (t [B] model timesteps, one value per step):
-        E_t once, then every adapted kernel merged (depth-stacked in `blocks`)."""
+        E_t once, then every adapted kernel merged (depth-stacked in `blocks`; a model with
+        several block kinds has one stack per kind, `gathered.stacked_blocks`)."""
         from dydit_jax.peft import merge_params, time_embedding
         t_emb = time_embedding(self.model, rest, t[:1], self.peft)[0]
-        return (merge_params(rest, t_emb, self.peft), merge_params(blocks, t_emb, self.peft))
+        if isinstance(blocks, tuple):
+            merged = tuple(merge_params(stack, t_emb, self.peft) for stack in blocks)
+        else:
+            merged = merge_params(blocks, t_emb, self.peft)
+        return merge_params(rest, t_emb, self.peft), merged
 
     def _step(self, model_fn, x, i, step_key):
         """One sampler step at step index i (traced), exactly as the masked sampler's loop."""
