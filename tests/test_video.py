@@ -122,35 +122,24 @@ def test_latte_digits_trains_and_samples_clips(tmp_path):
 
     # `:lam=0.5` fine-tunes that run as a dynamic Latte (routers, reordering, the DyDiT
     # objective with the clip's per-block constants) and samples it with the engine: the same
-    # clips as the masked path (uint8, same rng and labels).
+    # clips as the masked path (uint8, same rng and labels). `:lam=0.5,peft=tdlora` is the
+    # DyDiT++ PEFT recipe on the same run (base frozen, TD-LoRA adapters and routers trained;
+    # the engine merges the adapters per step).
     arg = f"steps=2,batch=4,frames=4,size=16,scale=1,lam=0.5,init={tmp_path},warmup=1"
-    d = load_config("latte_digits", arg)
-    d.model.update(hidden_size=32, depth=2, num_heads=2)
-    d.dynamic.update(hold_steps=0)
-    d.train.update(log_every=1, checkpoint_every=2, async_checkpointing=False)
-    d.sample.update(num_steps=3, per_class=1, classes=(0, 1, 2))
-    config_lib.validate(d)
-    masked = main._run_mode(d, str(tmp_path / "dydit"))
-    d.mode, d.sample.engine = "sample", "gathered"
-    gathered = main._run_mode(d, str(tmp_path / "dydit"))
-    np.testing.assert_allclose(gathered, masked, atol=1e-5, rtol=1e-5)
+    for extra, workdir in (("", "dydit"), (",peft=tdlora", "tdlora")):
+        d = load_config("latte_digits", arg + extra)
+        assert d.peft.method == ("tdlora" if extra else "none")
+        d.model.update(hidden_size=32, depth=2, num_heads=2)
+        d.dynamic.update(hold_steps=0)
+        d.train.update(log_every=1, checkpoint_every=2, async_checkpointing=False)
+        d.sample.update(num_steps=3, per_class=1, classes=(0, 1, 2))
+        config_lib.validate(d)
+        masked = main._run_mode(d, str(tmp_path / workdir))
+        d.mode, d.sample.engine = "sample", "gathered"
+        gathered = main._run_mode(d, str(tmp_path / workdir))
+        np.testing.assert_allclose(gathered, masked, atol=1e-5, rtol=1e-5)
     import json
     logged = [json.loads(line) for line in open(tmp_path / "dydit" / "metrics.jsonl")]
     assert any("flops_ratio" in r for r in logged)
-
-    # `:lam=0.5,peft=tdlora`: the DyDiT++ PEFT recipe on the same run (base frozen, TD-LoRA
-    # adapters and routers trained); the engine merges the adapters per step and gives the
-    # masked path's clips.
-    e = load_config("latte_digits", arg + ",peft=tdlora")
-    assert e.peft.method == "tdlora"
-    e.model.update(hidden_size=32, depth=2, num_heads=2)
-    e.dynamic.update(hold_steps=0)
-    e.train.update(log_every=1, checkpoint_every=2, async_checkpointing=False)
-    e.sample.update(num_steps=3, per_class=1, classes=(0, 1, 2))
-    config_lib.validate(e)
-    masked = main._run_mode(e, str(tmp_path / "tdlora"))
-    e.mode, e.sample.engine = "sample", "gathered"
-    np.testing.assert_allclose(main._run_mode(e, str(tmp_path / "tdlora")), masked,
-                               atol=1e-5, rtol=1e-5)
     with pytest.raises(config_lib.ConfigError, match="lam=0.5,peft=tdlora"):
         load_config("latte_digits", "peft=lora")
