@@ -169,7 +169,7 @@ def static_macs(model_or_config: Any) -> Dict[str, int]:
 
 
 def _latte_static_macs(k) -> Dict[str, int]:
-    """`static_macs` of one Latte clip (F frames of N tokens; the release's computation):
+    """`static_macs` of one Latte clip (F frames of N tokens, as our Latte computes it):
     blocks alternate spatial (attention over N tokens per frame: F * N^2 * D per product) and
     temporal (over F frames per position: N * F^2 * D); token-wise matmuls run on all F * N
     tokens; adaLN once per clip in every block and the final layer (the release computes it
