@@ -168,6 +168,12 @@ def base_config() -> ml_collections.ConfigDict:
         max_steps_per_run=0,     # stop after this many steps in this process (0: no limit)
     ))
 
+    # A first training stage (empty: none). Its keys are overrides of this config's sections
+    # (e.g. pretrain.data.num_frames=1): mode train first trains that config in
+    # <workdir>/pretrain, then this one from its EMA (train.init_from), as Latte starts a
+    # video model from an image model. `pretrain_config` builds the stage's config.
+    c.pretrain = ml_collections.ConfigDict()
+
     c.mesh = ml_collections.ConfigDict(dict(
         data=-1,                 # -1: all devices not used by fsdp
         fsdp=1,
@@ -354,6 +360,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     Imports the model and transport modules for their name tables (jax is imported, its
     backend is not started, so `jax.distributed.initialize()` may still follow)."""
     _compare(config, base_config(), "", _flat_keys(base_config()))
+    _check_pretrain(config)
     _check_choice(config, "mode", MODES)
     _check_model(config)
     _check_positive(config, "diffusion.diffusion_steps", "train.batch_size", "train.num_steps",
@@ -369,6 +376,46 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.transport.enabled:
         _check_transport(config)
     _check_peft(config)
+
+
+def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The first stage of a config with `pretrain` overrides: a copy with them applied
+    section by section, in train mode, without a stage of its own and without init_from."""
+    stage = ml_collections.ConfigDict(config.to_dict())
+    overrides = config.pretrain.to_dict()
+    stage.pretrain = ml_collections.ConfigDict()
+    stage.mode = "train"
+    stage.train.init_from = ""
+
+    def apply(target, values):
+        for key, value in values.items():
+            if isinstance(value, dict):
+                apply(target[key], value)
+            else:
+                target[key] = value
+    apply(stage, overrides)
+    return stage
+
+
+def _check_pretrain(config) -> None:
+    if not config.pretrain.keys():
+        return
+    stage = config.pretrain.to_dict()
+    for key in ("pretrain", "mode"):
+        if key in stage:
+            _fail(f"pretrain.{key}", stage[key], "a pretrain stage trains, and has no stage of "
+                  "its own")
+    if config.train.init_from:
+        _fail("train.init_from", config.train.init_from, "with a pretrain stage the run starts "
+              "from that stage's EMA: set one or the other")
+    ref = base_config()
+    _compare(ml_collections.ConfigDict(stage), ref, "pretrain.",
+             ["pretrain." + k for k in _flat_keys(ref)])
+    try:
+        validate(pretrain_config(config))
+    except ConfigError as e:
+        raise type(e)(f"in the pretrain stage (the config with config.pretrain applied): "
+                      f"{e}") from None
 
 
 def _check_evaluate(config) -> None:
@@ -769,6 +816,8 @@ def _check_transport(config) -> None:
 def _compare(cfg, ref, prefix: str, candidates) -> None:
     for key in cfg.keys():
         name = prefix + key
+        if name == "pretrain":   # overrides of the config's own sections (_check_pretrain)
+            continue
         if key not in ref:
             raise UnknownKeyError(f"unknown config key config.{name}"
                                   + _did_you_mean(name, candidates))

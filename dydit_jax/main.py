@@ -16,6 +16,7 @@ import os
 import re
 import sys
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -44,7 +45,24 @@ def run(config, workdir: str, check_files: bool = False):
         return _run_mode(config, workdir)
 
 
+def _after_pretrain(config, workdir: str):
+    """Trains the `pretrain` stage in <workdir>/pretrain (resumed like any run; skipped once
+    this run has a checkpoint of its own) and returns the config starting from its EMA."""
+    stage_dir = os.path.join(workdir, "pretrain")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    # Finished orbax steps are directories named by the step (partial ones carry a suffix).
+    if not (os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))):
+        logging.warning("pretrain stage: training %s first", stage_dir)
+        _run_mode(config_lib.pretrain_config(config), stage_dir)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.pretrain = ml_collections.ConfigDict()
+    config.train.init_from = stage_dir
+    return config
+
+
 def _run_mode(config, workdir: str):
+    if config.mode == "train" and config.pretrain.keys():
+        config = _after_pretrain(config, workdir)
     if config.mode == "train":
         from dydit_jax import generate, train
         state = train.train_and_evaluate(config, workdir)

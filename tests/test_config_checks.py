@@ -159,6 +159,27 @@ def test_unknown_keys_name_the_closest_key():
     assert config_lib.unknown_key_error(load(), "sample.cfg_scale") is None
 
 
+def test_pretrain_stage_overrides_are_checked_like_the_config():
+    """`config.pretrain` holds overrides of the config's sections: its stage is the config with
+    them applied, and a bad key or value in it is named with its pretrain. prefix."""
+    config = load("latte_digits")
+    stage = config_lib.pretrain_config(config)
+    assert (stage.model.num_frames, stage.data.num_frames, stage.train.num_steps) == (1, 1, 8000)
+    assert not stage.pretrain.keys() and stage.mode == "train" and stage.train.batch_size == 32
+    assert config.model.num_frames == 8 and config.train.num_steps == 2000   # not modified
+    config.pretrain.data.num_frame = 1
+    with pytest.raises(UnknownKeyError, match="config.pretrain.data.num_frame; did you mean "
+                                              r"config.pretrain.data.num_frames\?"):
+        config_lib.validate(config)
+    config = load("latte_digits")
+    config.pretrain.train.num_steps = 0
+    with pytest.raises(ConfigError, match="in the pretrain stage.*config.train.num_steps=0"):
+        config_lib.validate(config)
+    config = load("latte_digits", **{"train.init_from": "runs/x"})
+    with pytest.raises(ConfigError, match="config.train.init_from='runs/x'.*pretrain"):
+        config_lib.validate(config)
+
+
 def test_check_sources(tmp_path):
     def error(workdir=tmp_path / "run", name="digits", **overrides):
         with pytest.raises(ConfigError) as info:

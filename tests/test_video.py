@@ -2,6 +2,7 @@
 exactly resumable, host-sharded), the family registry, the Latte digits config training and
 sampling clips (grid, GIF, npz)."""
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -102,14 +103,27 @@ def test_latte_config_checks_name_the_key():
 def test_latte_digits_trains_and_samples_clips(tmp_path):
     from dydit_jax import main, train
     from dydit_jax.models import Latte
-    c = load_config("latte_digits", "steps=3,batch=4,frames=4,size=16,scale=1")
+    c = load_config("latte_digits",
+                    "steps=3,batch=4,frames=4,size=16,scale=1,image_steps=2,image_batch=4")
     c.model.update(hidden_size=32, depth=2, num_heads=2)
     c.train.update(log_every=1, checkpoint_every=3, async_checkpointing=False)
     c.sample.update(num_steps=3, per_class=1, classes=(0, 1, 2))
     config_lib.validate(c)
     assert isinstance(train.build_model(c), Latte)
+    # The image stage (config.pretrain: single frames, its own steps and lr) trains first in
+    # <workdir>/pretrain; the video stage starts from its EMA. With the video lr at 0 the video
+    # run's weights stay exactly that EMA: a fresh init would differ everywhere.
+    c.train.lr = 0.0
     samples = main._run_mode(c, str(tmp_path))
     assert samples.shape == (3, 4, 16, 16, 1)
+    [image] = list((tmp_path / "pretrain" / "samples").iterdir())
+    with np.load(image / "samples.npz") as f:
+        assert f["arr_0"].shape == (3, 1, 16, 16, 1)
+    flat = [jax.tree_util.tree_leaves(train._latest_ema(str(d))) for d in
+            (tmp_path / "pretrain", tmp_path)]
+    assert len(flat[0]) == len(flat[1])
+    for a, b in zip(*flat):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-9)
     [out] = list((tmp_path / "samples").iterdir())
     with np.load(out / "samples.npz") as f:
         assert f["arr_0"].shape == (3, 4, 16, 16, 1) and f["arr_0"].dtype == np.uint8
