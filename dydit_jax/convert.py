@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from dydit_jax import convert_flux
 from dydit_jax.models.dit import DiT
 
 # Module renames from the PyTorch names to ours (applied to the dotted module path).
@@ -138,6 +139,8 @@ def load_state_dict(source: Any, which: str = "ema") -> Dict[str, np.ndarray]:
         source = _read_file(os.fspath(source))
     if not isinstance(source, Mapping):
         raise TypeError(f"expected a path or a mapping of name -> tensor, got {type(source)}")
+    if isinstance(source.get("module"), Mapping):   # DyFLUX's transformer_*.pt, DeepSpeed
+        source = source["module"]
     if "model" in source and isinstance(source["model"], Mapping):
         if which == "ema" and "ema" not in source:
             logging.warning("the checkpoint has no EMA weights: reading its 'model' entry")
@@ -212,11 +215,14 @@ def load_report(source: Any, model: DiT, which: str = "ema",
     if allow_missing is None and getattr(model, "dynamic", False):
         allow_missing = ROUTER_PATTERN
     state = load_state_dict(source, which=which)
+    flux = _is_flux(model)
+    if flux and convert_flux.is_diffusers_named(state):
+        state = convert_flux.diffusers_to_bfl(state)
     try:
         params, fresh = _match(state, model, allow_missing)
     except CheckpointMismatchError as e:
         folder = _diffusers_folder(source)
-        if folder is None:
+        if folder is None or flux:
             raise
         depth = model.depth
         hint = " ".join(filter(None, [e.hint, f"(names as in the diffusers folder {folder})"]))
@@ -225,6 +231,11 @@ def load_report(source: Any, model: DiT, which: str = "ema",
             [(_diffusers_name(k, depth), want, got) for k, want, got in e.mismatched],
             hint) from None
     return {"params": params}, fresh
+
+
+def _is_flux(model) -> bool:
+    from dydit_jax.models.flux import FLUX
+    return isinstance(model, FLUX)
 
 
 def _abstract_params(model: DiT):
@@ -245,6 +256,9 @@ def _match(state: Dict[str, np.ndarray], model: DiT, allow_missing: Optional[str
         else:
             expected[path] = leaf
 
+    flux = _is_flux(model)
+    to_flax = convert_flux.bfl_key_to_flax if flux else torch_key_to_flax
+    to_torch = convert_flux.flax_to_bfl_key if flux else _flax_to_torch_name
     found: Dict[Tuple[str, ...], np.ndarray] = {}
     unexpected, mismatched = [], []
     seen_misshaped = set()
@@ -252,7 +266,7 @@ def _match(state: Dict[str, np.ndarray], model: DiT, allow_missing: Optional[str
         if key in _FIXED_BUFFERS and hasattr(model, key):   # e.g. no temp_embed in a DiT
             _check_fixed_buffer(key, value, model, mismatched)
             continue
-        path, layout = torch_key_to_flax(key)
+        path, layout = to_flax(key)
         if path not in expected:
             unexpected.append(key)
             continue
@@ -272,7 +286,10 @@ def _match(state: Dict[str, np.ndarray], model: DiT, allow_missing: Optional[str
         if allowed is not None and allowed.search(name):
             fresh.append(name)
         else:
-            missing.append(_flax_to_torch_name(path))
+            missing.append(to_torch(path))
+    if (missing or unexpected or mismatched) and flux:
+        raise CheckpointMismatchError(sorted(missing), sorted(unexpected), mismatched,
+                                      convert_flux.mismatch_hint(unexpected, mismatched))
     if missing or unexpected or mismatched:
         hint = ""
         if any(".attn_rate.router" in k or ".token_selection." in k for k in unexpected):
@@ -538,6 +555,9 @@ def _read_diffusers_weights(folder: str) -> Dict[str, np.ndarray]:
 
 
 def _read_diffusers(folder: str) -> Dict[str, np.ndarray]:
+    with open(os.path.join(folder, "config.json")) as f:
+        if json.load(f).get("_class_name") in convert_flux.DIFFUSERS_CLASSES:
+            return convert_flux.diffusers_to_bfl(_read_diffusers_weights(folder))
     config = read_diffusers_config(folder)
     depth = _diffusers_model_args(config)["depth"]
     return diffusers_to_official(_read_diffusers_weights(folder), depth)

@@ -1,4 +1,4 @@
-"""Models: DiT (and its dynamic DyDiT mode), Latte (video)."""
+"""Models: DiT (and its dynamic DyDiT mode), Latte (video), FLUX (text-to-image; DyFLUX)."""
 from dydit_jax.models.dit import (  # noqa: F401
     DiT,
     DiT_B_2, DiT_B_4, DiT_B_8,
@@ -16,3 +16,4 @@ from dydit_jax.models.latte import (  # noqa: F401
     Latte_XL_2, Latte_XL_4, Latte_XL_8,
     Latte_models,
 )
+from dydit_jax.models.flux import FLUX, FLUX_models  # noqa: F401
