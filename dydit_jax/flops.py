@@ -426,6 +426,67 @@ def _jaxpr_macs(jaxpr) -> int:
     return total
 
 
+# ----------------------------------------------------------------------------------------------
+# FLUX / DyFLUX
+# ----------------------------------------------------------------------------------------------
+
+FLUX_PARTS = ("embed", "modulation", "double_qkv", "double_attention", "double_proj",
+              "double_img_ffn", "double_txt_ffn", "single_kv", "single_q_mlp",
+              "single_attention", "single_linear2", "routers", "final")
+
+
+def flux_macs(model, n_img: int, n_txt: int, kept=None) -> Dict[str, float]:
+    """MACs of one FLUX forward of one sample (n_img image and n_txt text tokens), per part
+    (`FLUX_PARTS`) plus "total".
+
+    kept: None for the static model (every token, no routers), or per block (double blocks,
+    then single blocks) the kept image tokens of one sample (means allowed): what the engine
+    (`engine.flux`) runs. A double block skips only the image FFN of skipped tokens; a single
+    block still computes every token's keys and values, and runs queries, the MLP part of
+    linear1, the attention rows and linear2 for the text and kept image tokens. Routers:
+    linear_t (D x 4D per sample) and the logit Dense on the image tokens.
+    """
+    d, f = model.hidden_size, int(model.hidden_size * model.mlp_ratio)
+    nd, ns = model.depth, model.depth_single_blocks
+    n, t = int(n_img), int(n_txt)
+    length = n + t
+    if kept is None:
+        kept_d, kept_s, routers = [n] * nd, [n] * ns, 0
+    else:
+        kept = [float(k) for k in np.asarray(kept).reshape(-1)]
+        if len(kept) != nd + ns:
+            raise ValueError(f"kept needs one count per block ({nd} double + {ns} single), "
+                             f"got {len(kept)}")
+        kept_d, kept_s = kept[:nd], kept[nd:]
+        routers = (nd + ns) * (d * 4 * d + n * d)
+    embeddings = 256 * d + d * d
+    out = {
+        "embed": (n * model.in_channels * d + t * model.context_in_dim * d
+                  + embeddings * (2 if model.guidance_embed else 1)
+                  + model.vec_in_dim * d + d * d),
+        "modulation": nd * 2 * d * 6 * d + ns * d * 3 * d,
+        "double_qkv": nd * length * d * 3 * d,
+        "double_attention": nd * 2 * length * length * d,
+        "double_proj": nd * length * d * d,
+        "double_img_ffn": sum(kept_d) * 2 * d * f,
+        "double_txt_ffn": nd * t * 2 * d * f,
+        "single_kv": ns * length * d * 2 * d,
+        "single_q_mlp": sum(t + k for k in kept_s) * d * (d + f),
+        "single_attention": sum(2 * (t + k) * length * d for k in kept_s),
+        "single_linear2": sum(t + k for k in kept_s) * (d + f) * d,
+        "routers": routers,
+        "final": d * 2 * d + n * d * model.out_dim,
+    }
+    out["total"] = sum(out[name] for name in FLUX_PARTS)
+    return out
+
+
+def flux_macs_ratio(model, n_img: int, n_txt: int, kept) -> float:
+    """Dynamic over static `flux_macs` totals (kept: per block, per sample)."""
+    return (flux_macs(model, n_img, n_txt, kept)["total"]
+            / flux_macs(model, n_img, n_txt)["total"])
+
+
 def jaxpr_macs(fn, *args, **kwargs) -> int:
     """MACs of the matmuls (`dot_general`) and convolutions of `fn(*args, **kwargs)`, counted
     exactly from its jaxpr (nothing is run: abstract args such as `jax.ShapeDtypeStruct` work).
@@ -451,5 +512,6 @@ __all__ = [
     "PAPER_GFLOPS_256", "PARTS", "ATTENTION_PARTS", "MLP_PARTS", "ROUTER_PARTS",
     "static_macs", "block_shapes", "block_costs", "model_block_costs", "flops_ratio",
     "flops_loss", "counts_from_masks",
-    "dynamic_macs", "macs_ratio", "jaxpr_macs", "xla_flops",
+    "dynamic_macs", "macs_ratio", "jaxpr_macs", "xla_flops", "FLUX_PARTS", "flux_macs",
+    "flux_macs_ratio",
 ]

@@ -277,8 +277,10 @@ class DoubleStreamBlock(nn.Module):
         if self.dynamic:
             self.token_router = FluxTokenRouter(d, self.router_bias_init)
 
-    def __call__(self, img, txt, vec, pe, route: bool = False, train: bool = False,
-                 noise=None):
+    def attend(self, img, txt, vec, pe):
+        """Both streams' modulation and the joint attention with its residuals. Returns
+        (img, txt, img_mod2, txt_mod2): the streams after attention and the FFN's
+        (shift, scale, gate) of each."""
         img_mod1, img_mod2 = _pairs(self.img_mod(vec))
         txt_mod1, txt_mod2 = _pairs(self.txt_mod(vec))
         img_q, img_k, img_v = self.img_attn.heads(modulate(layer_norm(img), *img_mod1[:2]))
@@ -288,16 +290,29 @@ class DoubleStreamBlock(nn.Module):
         n_txt = txt.shape[1]
         img = img + img_mod1[2] * self.img_attn.project(attn[:, n_txt:])
         txt = txt + txt_mod1[2] * self.txt_attn.project(attn[:, :n_txt])
+        return img, txt, img_mod2, txt_mod2
 
+    def img_ffn(self, h):
+        """The image FFN on modulated rows h [..., D] (the part DyFLUX skips per token)."""
+        return mlp(self.img_mlp_0, self.img_mlp_2, h)
+
+    def txt_ffn(self, h):
+        return mlp(self.txt_mlp_0, self.txt_mlp_2, h)
+
+    def route_logits(self, img, txt, vec):
+        return self.token_router(img, txt, vec)
+
+    def __call__(self, img, txt, vec, pe, route: bool = False, train: bool = False,
+                 noise=None):
+        img, txt, img_mod2, txt_mod2 = self.attend(img, txt, vec, pe)
         logits = gate = None
-        update = mlp(self.img_mlp_0, self.img_mlp_2, modulate(layer_norm(img), *img_mod2[:2]))
+        update = self.img_ffn(modulate(layer_norm(img), *img_mod2[:2]))
         if route:
-            logits = self.token_router(img, txt, vec)
+            logits = self.route_logits(img, txt, vec)
             gate = token_gate(logits, train, noise, self.router_tau)
             update = update * gate[..., None].astype(update.dtype)
         img = img + img_mod2[2] * update
-        txt = txt + txt_mod2[2] * mlp(self.txt_mlp_0, self.txt_mlp_2,
-                                      modulate(layer_norm(txt), *txt_mod2[:2]))
+        txt = txt + txt_mod2[2] * self.txt_ffn(modulate(layer_norm(txt), *txt_mod2[:2]))
         return img, txt, logits, gate
 
 
@@ -331,12 +346,19 @@ class SingleStreamBlock(nn.Module):
         if self.dynamic:
             self.token_router = FluxTokenRouter(d, self.router_bias_init)
 
+    def route_logits(self, x, vec, n_txt: int):
+        """The router reads the block input, split into [txt | img] (before the norm)."""
+        return self.token_router(x[:, n_txt:], x[:, :n_txt], vec)
+
+    def qk_norm(self, q, k, v):
+        return self.norm(q, k, v)
+
     def __call__(self, x, vec, pe, n_txt: int, route: bool = False, train: bool = False,
                  noise=None):
         shift, scale, gate = self.modulation(vec)
         logits = token = None
         if route:
-            logits = self.token_router(x[:, n_txt:], x[:, :n_txt], vec)
+            logits = self.route_logits(x, vec, n_txt)
             token = token_gate(logits, train, noise, self.router_tau)
         h = dense_rows(self.linear1, modulate(layer_norm(x), shift, scale))
         d = self.hidden_size
@@ -450,13 +472,22 @@ class FLUX(nn.Module):
         t = jnp.asarray(t)
         return timestep_embedding(TIME_FACTOR * t.astype(jnp.float32), 256).astype(self.dtype)
 
-    def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None,
-                 train: bool = False, route: bool = True, gumbel_noise=None):
+    def embed(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
+        """-> (img [B, N, D], txt [B, T, D], vec [B, D], pe [B, T + N, hd/2, 2, 2])."""
         self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y)
         img = dense_rows(self.img_in, img.astype(self.dtype))
         vec = self.conditioning(timesteps, y, guidance)
         txt = dense_rows(self.txt_in, txt.astype(self.dtype))
         pe = rope_table(jnp.concatenate([txt_ids, img_ids], axis=1), self.axes_dim, self.theta)
+        return img, txt, vec, pe
+
+    def head(self, img, vec):
+        """The final layer on the image tokens [B, N, D] -> [B, N, out] (float32/64)."""
+        return self.final_layer(img, vec).astype(_float_dtype(self.dtype))
+
+    def __call__(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None,
+                 train: bool = False, route: bool = True, gumbel_noise=None):
+        img, txt, vec, pe = self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance)
         route = self.dynamic and route
         n_txt = txt.shape[1]
         noise = None
@@ -494,7 +525,7 @@ class FLUX(nn.Module):
             x, block_logits, gate = single(block, x, vec, pe, noise_of(self.depth + j))
             logits.append(block_logits)
             gates.append(gate)
-        out = self.final_layer(x[:, n_txt:], vec).astype(_float_dtype(self.dtype))
+        out = self.head(x[:, n_txt:], vec)
         if not self.dynamic:
             return out
         if not route:
