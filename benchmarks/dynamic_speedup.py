@@ -3,6 +3,8 @@
 `--family latte` runs it for video (DyDiT++): a dynamic Latte of the same size (`Latte-S/2` for
 `DiT-S/2`) on clips of `--frames` latent frames of `--input-size`^2 (static = the static Latte
 path), width rows only (token rows are DiT-only); results go to dynamic_speedup_latte.json.
+`--family flux` runs static FLUX / masked DyFLUX / the FLUX engine on a reduced FLUX
+(`flux_speedup.py` says how); results go to dynamic_speedup_flux.json.
 `--family sit` runs the same comparison for flow matching (DyDiT++): a dynamic SiT sampled with
 a fixed-grid ODE (`--method`, default Euler; `--steps` solver steps, CFG as the SiT release),
 static/masked = `make_flow_sample_fn(..., complete=True/False)`, engine = `FlowEngine`; router
@@ -471,8 +473,15 @@ def main():
                     help="target whole-model MACs ratios, percent")
     ap.add_argument("--executors", nargs="+", default=["fused"], choices=["fused", "blocks"])
     ap.add_argument("--grid", default="exact", help='"exact" (default) only')
-    ap.add_argument("--family", default="dit", choices=["dit", "sit", "latte"],
-                    help="dit: DDIM on a DyDiT; sit: flow-matching ODE on a dynamic SiT")
+    ap.add_argument("--family", default="dit", choices=["dit", "sit", "latte", "flux"],
+                    help="dit: DDIM on a DyDiT; sit: flow-matching ODE on a dynamic SiT; "
+                         "latte: video; flux: DyFLUX token routing (flux_speedup.py)")
+    ap.add_argument("--flux-hidden", type=int, default=1024,
+                    help="--family flux: hidden size (heads of 128)")
+    ap.add_argument("--flux-depth", nargs=2, type=int, default=[2, 4],
+                    help="--family flux: double and single blocks")
+    ap.add_argument("--image-tokens", type=int, default=1024, help="--family flux")
+    ap.add_argument("--text-tokens", type=int, default=256, help="--family flux")
     ap.add_argument("--method", default="euler",
                     help="--family sit: fixed-grid ODE method (euler, heun2, midpoint, rk4)")
     ap.add_argument("--steps", type=int, default=5, help="DDIM steps / ODE solver steps")
@@ -516,6 +525,10 @@ def main():
                 token_calibration=dict(trajectories=CALIB_TRAJECTORIES, batch=CALIB_BATCH,
                                        seed=CALIB_SEED, logit_std=TOKEN_LOGIT_STD),
                 peak_memory="ru_maxrss delta (process high-water mark), MiB")
+    if args.family == "flux":
+        import flux_speedup
+        flux_speedup.run(args, meta, write, args.out)
+        return
     results = []
     for name in args.models:
         for dt in args.dtypes:

@@ -369,3 +369,76 @@ def test_presets_have_the_released_sizes():
     lite = FLUX_models["flux-lite-8b"]()
     assert (lite.depth, lite.depth_single_blocks) == (8, 38)
     assert 8.0e9 < count(lite) < 8.3e9
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharding
+# ----------------------------------------------------------------------------------------------
+
+def test_sharded_forward_and_sampler_equal_one_device():
+    """8 simulated devices, mesh data 2 x fsdp 4, the default rules (kernels FSDP-sharded):
+    the DyFLUX forward (output and masks) and the FLUX sampler equal the 1-device results; the
+    parameters are sharded as the rules say, also for a 12 B FLUX.1-dev laid out from shapes
+    only, and `sharding.init_sharded` makes them born sharded."""
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from conftest import DATA, load_npz
+from dydit_jax import convert, flux_sampling, sharding
+from dydit_jax.models import FLUX, FLUX_models
+from test_flux import FLUX_TINY, dyflux_inputs, dyflux_model, flux_state
+assert jax.device_count() == 8
+rules = (("kernel$|embedding$", "fsdp"), (".*", "replicate"))
+mesh = sharding.create_mesh(data=2, fsdp=4)
+dy = load_npz("dyflux", "io.npz")
+model = dyflux_model()
+v = convert.from_pytorch(DATA / "dyflux" / "transformer_0.pt", model)
+inputs = tuple(np.concatenate([a] * 4) for a in dyflux_inputs(dy))        # batch 8
+ref_out, ref_aux = model.apply(v, *inputs)
+shard = sharding.tree_shardings(v, mesh, rules)
+vs = jax.device_put(v, shard)
+qkv = vs["params"]["double_blocks_0"]["img_attn"]["qkv"]
+assert qkv["kernel"].sharding.spec == P(None, "fsdp"), qkv["kernel"].sharding.spec
+assert qkv["bias"].sharding.spec == P()
+batch = sharding.batch_sharding(mesh)
+xs = tuple(jax.device_put(a, batch) for a in inputs)
+out, aux = jax.jit(model.apply)(vs, *xs)
+assert out.sharding.spec[0] == ("data", "fsdp"), out.sharding
+np.testing.assert_allclose(out, ref_out, atol=1e-6, rtol=1e-6)
+np.testing.assert_array_equal(aux["token_masks"], ref_aux["token_masks"])
+# The sampler (static FLUX, golden weights), sharded vs 1 device.
+io = load_npz("flux", "io.npz")
+flux = FLUX(**FLUX_TINY)
+fv = convert.from_pytorch(flux_state("sharp"), flux)
+rep = lambda a: np.concatenate([a] * 4)
+args = [rep(io[k]) for k in ("denoise_img", "img_ids", "txt", "txt_ids", "y")]
+run = lambda v, x, ids, txt, tids, y: flux_sampling.denoise(
+    flux, v, x, ids, txt, tids, y, io["denoise_timesteps"], guidance=4.0)
+ref = jax.jit(run)(fv, *args)
+np.testing.assert_allclose(ref[:2], io["denoise_out"], atol=1e-5, rtol=1e-5)
+got = jax.jit(run)(jax.device_put(fv, sharding.tree_shardings(fv, mesh, rules)),
+                   *(jax.device_put(a, batch) for a in args))
+np.testing.assert_allclose(got, ref, atol=1e-6, rtol=1e-6)
+# Born sharded: a reduced FLUX through init_sharded; FLUX.1-dev's layout from shapes.
+small = FLUX(**{**FLUX_TINY, "hidden_size": 128, "num_heads": 4, "axes_dim": (8, 12, 12)})
+params = sharding.init_sharded(lambda r: small.init(r, *small.dummy_inputs()), mesh, rules,
+                               jax.random.PRNGKey(0))
+lin1 = params["params"]["single_blocks_0"]["linear1"]["kernel"]
+assert lin1.sharding.spec == P(None, "fsdp") and lin1.addressable_shards[0].data.shape == (128, 224)
+dev = FLUX_models["flux-dev"]()
+shapes = jax.eval_shape(lambda r: dev.init(r, *dev.dummy_inputs()), jax.random.PRNGKey(0))
+specs = sharding.tree_shardings(shapes, mesh, rules)
+total = per_device = 0
+for (path, leaf), s in zip(jax.tree_util.tree_leaves_with_path(shapes),
+                           jax.tree_util.tree_leaves(specs)):
+    size = int(np.prod(leaf.shape)) * 4
+    total += size
+    shard_size = int(np.prod(s.shard_shape(leaf.shape))) * 4
+    per_device += shard_size
+    if "kernel" in str(path[-1]):
+        assert "fsdp" in tuple(s.spec), (path, s.spec)
+print("GB", total / 1e9, per_device / 1e9)
+assert per_device < total / 4 * 1.001
+print("OK")
+"""
+    assert "OK" in run_python(code, devices=8).stdout
