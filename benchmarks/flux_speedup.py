@@ -19,8 +19,8 @@ logits); later steps route as the model does, so the kept fraction the engine sa
 MACs ratio = `flops.flux_macs_ratio` of the kept counts the engine saw (mean over steps and
 samples), routers included: the token-FLOPs reduction. efficiency = (static time / engine
 time) x MACs ratio, that reduction turned into time. "cap MACs" counts the rows the engine
-really computes (kept counts rounded up to its capacity buckets, a single block's per
-sample to the batch's largest; `capacity_rows`), and "cap eff" divides by that instead: the
+really computes (kept counts rounded up to its capacity buckets: a double block's batch
+total, a single block's per sample; `capacity_rows`), and "cap eff" divides by that instead: the
 part of the gap due to bucketing vs. the part due to the gathered blocks themselves.
 """
 from __future__ import annotations
@@ -166,8 +166,8 @@ def run(args, meta, write, out_path):
 
 def capacity_rows(model, kept, capacities, n_img):
     """Per block, the image rows per sample the engine computed (mean over steps): a double
-    block rounds the batch's kept total up to a capacity of B*N, a single block the largest
-    per-sample count up to a capacity of N (`engine.flux`). kept: [steps, blocks, B]."""
+    block rounds the batch's kept total up to a capacity of B*N, a single block each sample's
+    count up to a capacity of N (`engine.flux`). kept: [steps, blocks, B]."""
     from dydit_jax.engine.plan import fraction_sizes
     b = kept.shape[2]
     out = []
@@ -178,7 +178,7 @@ def capacity_rows(model, kept, capacities, n_img):
             rows = caps[np.searchsorted(caps, k.sum(axis=1))] / b
         else:
             caps = np.asarray(fraction_sizes(capacities, n_img, "token capacity"))
-            rows = caps[np.searchsorted(caps, k.max(axis=1))]
+            rows = caps[np.searchsorted(caps, k)].mean(axis=1)
         out.append(float(np.mean(rows)))
     return out
 

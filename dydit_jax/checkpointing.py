@@ -25,6 +25,9 @@ def load_params(path: str, target=None):
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no parameter checkpoint at {path!r}")
+    from dydit_jax import convert_flux
+    if convert_flux.is_streamed(path):     # one orbax item per block (stream_to_orbax)
+        return convert_flux.load_streamed(path, target)
     with ocp.StandardCheckpointer() as ckptr:
         if target is None:
             return ckptr.restore(path)

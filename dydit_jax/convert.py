@@ -243,8 +243,16 @@ def _abstract_params(model: DiT):
                                              *_dummy_inputs(model))["params"])
 
 
-def _match(state: Dict[str, np.ndarray], model: DiT, allow_missing: Optional[str]):
-    abstract = traverse_util.flatten_dict(_abstract_params(model))
+def _match_shapes(state: Mapping[str, Any], model, abstract) -> None:
+    """The strict name and shape check of `_match` alone (arrays or zero-stride stand-ins;
+    nothing is converted): raises `CheckpointMismatchError` listing every bad key."""
+    _match(state, model, None, abstract=abstract, check_only=True)
+
+
+def _match(state: Dict[str, np.ndarray], model: DiT, allow_missing: Optional[str],
+           abstract=None, check_only: bool = False):
+    if abstract is None:
+        abstract = traverse_util.flatten_dict(_abstract_params(model))
     scanned = bool(getattr(model, "scan_layers", False))
     # Expected leaves in the unscanned naming; scanned models stack blocks_i/... into blocks/...
     expected: Dict[Tuple[str, ...], Any] = {}
@@ -275,7 +283,8 @@ def _match(state: Dict[str, np.ndarray], model: DiT, allow_missing: Optional[str
             mismatched.append((key, _torch_shape(want, layout), tuple(value.shape)))
             seen_misshaped.add(path)
             continue
-        found[path] = to_flax_layout(value, layout).astype(expected[path].dtype)
+        found[path] = (None if check_only
+                       else to_flax_layout(value, layout).astype(expected[path].dtype))
 
     allowed = re.compile(allow_missing) if allow_missing else None
     missing, fresh = [], []
@@ -290,6 +299,8 @@ def _match(state: Dict[str, np.ndarray], model: DiT, allow_missing: Optional[str
     if (missing or unexpected or mismatched) and flux:
         raise CheckpointMismatchError(sorted(missing), sorted(unexpected), mismatched,
                                       convert_flux.mismatch_hint(unexpected, mismatched))
+    if check_only and not (missing or unexpected or mismatched):
+        return None
     if missing or unexpected or mismatched:
         hint = ""
         if any(".attn_rate.router" in k or ".token_selection." in k for k in unexpected):
@@ -407,6 +418,8 @@ def _read_dir(path: str) -> Dict[str, np.ndarray]:
     folder = _diffusers_folder(path)
     if folder is not None:
         return _read_diffusers(folder)
+    if convert_flux.is_streamed(path):
+        return convert_flux.streamed_state(path)
     if _is_orbax_dir(path):
         from dydit_jax.checkpointing import load_params
         return to_official_state(load_params(path))

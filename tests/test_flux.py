@@ -442,3 +442,47 @@ assert per_device < total / 4 * 1.001
 print("OK")
 """
     assert "OK" in run_python(code, devices=8).stdout
+
+
+def test_streaming_conversion_writes_what_from_pytorch_loads(tmp_path):
+    """`stream_to_orbax` (one group at a time) from the BFL file and from a sharded diffusers
+    folder gives the parameters `from_pytorch` gives; a bad file is refused before anything
+    is written; the directory is read by load_params, from_pytorch and with shardings."""
+    model = FLUX(**FLUX_TINY)
+    ref = convert.from_pytorch(flux_state("strong"), model)["params"]
+    save_file(flux_state("strong"), tmp_path / "flux1-tiny.safetensors")
+    manifest = convert_flux.stream_to_orbax(tmp_path / "flux1-tiny.safetensors", model,
+                                            tmp_path / "out")
+    assert manifest["groups"] == ["double_blocks_0", "rest", "single_blocks_0",
+                                  "single_blocks_1"]
+    from dydit_jax.checkpointing import load_params
+    same = lambda a, b: jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)  # noqa
+    same(load_params(tmp_path / "out"), ref)
+    same(convert.from_pytorch(tmp_path / "out", model)["params"], ref)
+    target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), ref)
+    same(convert_flux.load_streamed(tmp_path / "out", target), ref)
+
+    dy = dyflux_model()
+    folder = tmp_path / "pipe" / "transformer"
+    folder.mkdir(parents=True)
+    diffusers = _diffusers_state()
+    names = sorted(diffusers)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": names[::2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: diffusers[k] for k in keys}, folder / shard)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: s for s, ks in shards.items() for k in ks}}))
+    convert_flux.stream_to_orbax(tmp_path / "pipe", dy, tmp_path / "dyout")
+    same(load_params(tmp_path / "dyout"),
+         convert.from_pytorch(DATA / "dyflux" / "transformer_0.pt", dy)["params"])
+
+    bad = flux_state("base")
+    bad["img_in.weight"] = bad["img_in.weight"][:, :10]
+    save_file(bad, tmp_path / "bad.safetensors")
+    with pytest.raises(convert.CheckpointMismatchError, match="img_in.weight"):
+        convert_flux.stream_to_orbax(tmp_path / "bad.safetensors", model, tmp_path / "badout")
+    assert not (tmp_path / "badout").exists() and not list(tmp_path.glob("badout.tmp-*"))
+    with pytest.raises(FileExistsError, match="overwrite"):
+        convert_flux.stream_to_orbax(tmp_path / "flux1-tiny.safetensors", model,
+                                     tmp_path / "out")
