@@ -12,8 +12,11 @@ Both spellings of the mid-block attention are accepted: the current `to_q`, `to_
 (diffusers renames them on load too). Every parameter of the model must be found exactly once
 with the right shape; otherwise one `CheckpointMismatchError` lists the missing keys, the
 unexpected keys and each shape mismatch (in the diffusers names and PyTorch layout).
-Original LDM/CompVis `.ckpt` files (`encoder.down.0.block.0...`) are a different layout: convert
-them to the diffusers format first (diffusers' scripts/convert_vae_pt_to_diffusers.py).
+The LDM / BFL layout (`encoder.down.0.block.0...`; FLUX's `ae.safetensors`, the original
+CompVis `.ckpt` files with their `first_stage_model.` prefix) is mapped to the diffusers names
+(`ldm_to_diffusers`); `flux_autoencoder()` builds FLUX's autoencoder (16 latent channels, no
+quant convs, scale 0.3611 and shift 0.1159) and `load_flux_ae` loads `ae.safetensors` or a
+diffusers `vae/` folder into it.
 """
 from __future__ import annotations
 
@@ -127,10 +130,65 @@ def canonical_name(key: str) -> str:
     return _LEGACY_RE.sub(lambda m: m.group(1) + _LEGACY_ATTENTION[m.group(2)] + ".", key)
 
 
+_LDM_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+               "nin_shortcut": "conv_shortcut"}
+_LDM_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v",
+                  "proj_out": "to_out.0"}
+
+
+def is_ldm_named(state: Mapping[str, Any]) -> bool:
+    return any(re.match(r"^(first_stage_model\.)?(encoder\.down|decoder\.up|encoder\.mid"
+                        r"\.block_1)\.", k) for k in state)
+
+
+def ldm_to_diffusers(state: Mapping[str, Any], num_levels: int) -> Dict[str, Any]:
+    """LDM / BFL autoencoder names -> diffusers AutoencoderKL names. The decoder's `up` list
+    is indexed by resolution level (up[0] is the last to run), diffusers' up_blocks by
+    execution order: up.{i} -> up_blocks.{num_levels - 1 - i}. The mid attention's 1x1 convs
+    become Linear weights. Unmapped names pass through (the strict check lists them)."""
+    out = {}
+    for key, value in state.items():
+        k = key[len("first_stage_model."):] if key.startswith("first_stage_model.") else key
+        m = re.match(r"^(encoder|decoder)\.(down|up)\.(\d+)\.(block|downsample|upsample)"
+                     r"(?:\.(\d+))?\.(\w+)\.(weight|bias)$", k)
+        if m:
+            side, _, level, kind, j, module, leaf = m.groups()
+            level = int(level)
+            if side == "decoder":
+                level = num_levels - 1 - level
+            blocks = "down_blocks" if side == "encoder" else "up_blocks"
+            if kind == "block":
+                name = f"{side}.{blocks}.{level}.resnets.{j}.{_LDM_RESNET.get(module, module)}"
+            else:
+                sampler = "downsamplers" if kind == "downsample" else "upsamplers"
+                name = f"{side}.{blocks}.{level}.{sampler}.0.{module}"
+            out[f"{name}.{leaf}"] = value
+            continue
+        m = re.match(r"^(encoder|decoder)\.mid\.(block_1|block_2|attn_1)\.(\w+)\.(weight|bias)$",
+                     k)
+        if m:
+            side, part, module, leaf = m.groups()
+            if part == "attn_1":
+                name = f"{side}.mid_block.attentions.0.{_LDM_ATTENTION.get(module, module)}"
+                if leaf == "weight" and module != "norm":
+                    value = np.asarray(value).reshape(value.shape[0], -1)   # 1x1 conv -> Linear
+            else:
+                name = (f"{side}.mid_block.resnets.{0 if part == 'block_1' else 1}."
+                        f"{_LDM_RESNET.get(module, module)}")
+            out[f"{name}.{leaf}"] = value
+            continue
+        m = re.match(r"^(encoder|decoder)\.norm_out\.(weight|bias)$", k)
+        out[f"{m.group(1)}.conv_norm_out.{m.group(2)}" if m else k] = value
+    return out
+
+
 def from_diffusers(source: Any, model: AutoencoderKL) -> Dict[str, Any]:
     """Flax variables `{"params": ...}` for `model` from a diffusers AutoencoderKL state dict:
-    a weights file (.safetensors, .bin, .npz) or a loaded mapping name -> array."""
+    a weights file (.safetensors, .bin, .npz) or a loaded mapping name -> array; an LDM / BFL
+    named one (FLUX's ae.safetensors) is mapped first (`ldm_to_diffusers`)."""
     state = load_state_dict(source)
+    if is_ldm_named(state):
+        state = ldm_to_diffusers(state, len(model.block_out_channels))
     expected = {diffusers_name(path): (path, leaf)
                 for path, leaf in traverse_util.flatten_dict(abstract_params(model)).items()}
 
@@ -161,9 +219,6 @@ def from_diffusers(source: Any, model: AutoencoderKL) -> Dict[str, Any]:
 
 
 def _hint(missing, unexpected, mismatched, model: AutoencoderKL) -> str:
-    if any(k.startswith(("encoder.down.", "first_stage_model.")) for k in unexpected):
-        return ("this is an original LDM/CompVis checkpoint, not the diffusers layout: convert it "
-                "with diffusers' scripts/convert_vae_pt_to_diffusers.py first.")
     if any("(duplicate of" in k for k in unexpected):
         return ("the checkpoint holds the same attention weights under both the legacy "
                 "(query/key/value/proj_attn) and the current (to_q/to_k/to_v/to_out.0) names.")
@@ -201,3 +256,27 @@ def load_vae(folder: Union[str, os.PathLike], dtype: Any = jnp.float32
                                 f"holding config.json and {WEIGHT_FILES[0]}")
     model = vae_from_config(folder, dtype=dtype)
     return model, from_diffusers(find_weights(folder), model)
+
+
+# FLUX.1's autoencoder (`flux/util.py` ae_params: ch 128, ch_mult [1, 2, 4, 4], 2 res blocks,
+# z_channels 16, scale 0.3611, shift 0.1159; no quant convs), the diffusers FLUX vae/ config.
+FLUX_AE = dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
+               layers_per_block=2, latent_channels=16, norm_num_groups=32,
+               scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+               use_post_quant_conv=False)
+
+
+def flux_autoencoder(dtype: Any = jnp.float32, **overrides) -> AutoencoderKL:
+    """FLUX's autoencoder: `encode` -> posterior in AE units, `scale_latents` -> what the
+    FLUX transformer sees, (z - 0.1159) * 0.3611, as BFL's `AutoEncoder.encode` returns."""
+    return AutoencoderKL(**{**FLUX_AE, **overrides}, dtype=dtype)
+
+
+def load_flux_ae(source: Union[str, os.PathLike], dtype: Any = jnp.float32, **overrides):
+    """(model, variables) from BFL's `ae.safetensors` (LDM names) or a diffusers `vae/`
+    folder of a FLUX pipeline (its config.json is used, then `overrides`)."""
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        return load_vae(source, dtype=dtype)
+    model = flux_autoencoder(dtype, **overrides)
+    return model, from_diffusers(source, model)
