@@ -5,7 +5,8 @@ heads, T5/CLIP inputs 4096/768; `--double` + `--single` blocks, default 1 + 5: 4
 float32) with random values, then converts it to orbax in a fresh process and reports that
 process's peak RSS (ru_maxrss) above its RSS just before the conversion (imports, JAX and the
 model's abstract shapes already loaded), next to the file size and the largest block.
-Target: < 1.5 GB of extra host memory for a 4 GB file. Writes a table and JSON
+Target: < 1.5 GB of extra host memory for a 4 GB file. Items of `stream_to_orbax`'s default
+256 MiB. Writes a table and JSON
 (results/convert_memory.json).
 
     python benchmarks/convert_memory.py --workdir /tmp/convert_memory
@@ -90,7 +91,7 @@ def main():
     gib = 2 ** 30
     rows = [("file (float32)", f"{wrote['bytes'] / gib:.2f} GiB"),
             ("largest tensor", f"{wrote['largest_tensor'] / gib:.3f} GiB"),
-            ("largest group (one block)", f"{wrote['largest_group'] / gib:.3f} GiB"),
+            ("largest block", f"{wrote['largest_group'] / gib:.3f} GiB"),
             ("RSS before conversion", f"{run['rss_before_gib']:.2f} GiB"),
             ("peak RSS during conversion", f"{run['peak_gib']:.2f} GiB"),
             ("extra host memory (peak - before)", f"{run['extra_gib']:.2f} GiB"),
