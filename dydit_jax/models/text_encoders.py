@@ -36,6 +36,12 @@ Dtype = Any
 # T5 encoder
 # ----------------------------------------------------------------------------------------------
 
+def _from_hf(cls, config):
+    get = config.get if isinstance(config, Mapping) else lambda k: getattr(config, k, None)
+    return cls(**{f.name: get(f.name) for f in dataclasses.fields(cls)
+                  if get(f.name) is not None})
+
+
 @dataclasses.dataclass(frozen=True)
 class T5Config:
     vocab_size: int = 32128
@@ -50,12 +56,9 @@ class T5Config:
     feed_forward_proj: str = "gated-gelu"
 
     @classmethod
-    def from_hf(cls, config) -> "T5Config":
-        """From a transformers `T5Config` (or its dict)."""
-        get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(
-            config, k, d)
-        fields = {f.name: get(f.name) for f in dataclasses.fields(cls) if get(f.name) is not None}
-        return cls(**fields)
+    def from_hf(cls, config):
+        """From a transformers config object (or its dict): the fields it sets."""
+        return _from_hf(cls, config)
 
 
 # FLUX.1's T5 (google/t5-v1_1-xxl).
@@ -174,11 +177,9 @@ class CLIPTextConfig:
     eos_token_id: int = 2
 
     @classmethod
-    def from_hf(cls, config) -> "CLIPTextConfig":
-        get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(
-            config, k, d)
-        fields = {f.name: get(f.name) for f in dataclasses.fields(cls) if get(f.name) is not None}
-        return cls(**fields)
+    def from_hf(cls, config):
+        """From a transformers config object (or its dict): the fields it sets."""
+        return _from_hf(cls, config)
 
 
 # FLUX.1's CLIP (openai/clip-vit-large-patch14, text tower).
