@@ -56,7 +56,8 @@ for path, leaf in flat.items():
     shape = leaf.shape[::-1] if path[-1] == "kernel" else leaf.shape
     key = convert_flux.flax_to_bfl_key(path)
     state[key] = (rng.standard_normal(shape, dtype=np.float32) * 0.02)
-    g = convert_flux._group_of(key)
+    g = ".".join(key.split(".")[:2]) if key.startswith(("double_blocks.", "single_blocks.")) \
+        else "rest"
     groups[g] = groups.get(g, 0) + state[key].nbytes
 save_file(state, cfg["file"])
 print(json.dumps(dict(bytes=sum(v.nbytes for v in state.values()),

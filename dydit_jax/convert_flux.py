@@ -218,8 +218,6 @@ def model_args_from_diffusers_config(config: Mapping) -> dict:
 
 # The manifest of a streamed checkpoint: one orbax item per group of top-level modules.
 STREAMED_MANIFEST = "streamed_params.json"
-_GROUP = re.compile(r"^(transformer_blocks|single_transformer_blocks|double_blocks|"
-                    r"single_blocks)\.(\d+)\.")
 
 
 def safetensors_files(source) -> list:
@@ -327,15 +325,6 @@ class SafetensorsReader:
                                      f"{end - start} bytes at offset {start}")
                 got += n
         return out
-
-
-def _group_of(key: str) -> str:
-    m = _GROUP.match(key)
-    if not m:
-        return "rest"
-    kind = {"transformer_blocks": "double_blocks",
-            "single_transformer_blocks": "single_blocks"}.get(m.group(1), m.group(1))
-    return f"{kind}_{m.group(2)}"
 
 
 def stream_to_orbax(source, model, out_dir, overwrite: bool = False,

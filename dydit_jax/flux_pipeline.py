@@ -67,13 +67,15 @@ class FluxPipeline:
             from dydit_jax.engine.flux import FluxEngine
             self.engine = FluxEngine(flux, flux_variables)
         self._programs: Dict[tuple, object] = {}
+        self._traces = 0          # sampling programs traced (= compiled) so far
         self._encoders = (jax.jit(lambda v, ids: t5[0].apply(v, ids)),
                           jax.jit(lambda v, ids: clip[0].apply(v, ids)[1]))
 
     @property
     def compile_count(self) -> int:
-        """Sampling programs compiled so far (one per batch, size and step count)."""
-        return len(self._programs) + (self.engine.compile_count if self.engine else 0)
+        """Sampling programs compiled so far: traces of the jitted sampler (a retrace for a
+        new dtype or shape counts too), plus the engine's executables."""
+        return self._traces + (self.engine.compile_count if self.engine else 0)
 
     def _place(self, variables):
         if self.mesh is None:
@@ -130,6 +132,7 @@ class FluxPipeline:
             return jnp.clip((images + 1) * 127.5 + 0.5, 0, 255).astype(jnp.uint8)
 
         def run(flux_vars, ae_vars, rng, txt, txt_ids, vec, guidance):
+            self._traces += 1     # runs at trace time only
             noise = jax.random.normal(rng, (batch, n_img, c), jnp.float32)
             img = flux_sampling.denoise(self.flux, flux_vars, noise, ids, txt, txt_ids, vec,
                                         schedule, guidance=guidance)
