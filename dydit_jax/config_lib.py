@@ -47,6 +47,35 @@ def base_config() -> ml_collections.ConfigDict:
         num_frames=16,           # latte: frames per clip
         extras=2,                # latte: 2 class-conditional, 1 unconditional
         token_blocks="both",     # dynamic latte: SDT token routers in both/spatial/temporal blocks
+        # flux (family "flux": presets flux-dev / flux-schnell / flux-lite-8b, or "custom" with
+        # hidden_size, depth = double blocks, num_heads and these); in_channels is the latent
+        # (or pixel) channels, packed 2x2 into 4x as many
+        depth_single_blocks=0,
+        axes_dim=(),             # RoPE widths per position axis; (): from the head size
+        context_in_dim=0,        # T5 width; 0: config.text.width (local encoders)
+        vec_in_dim=0,            # CLIP width; 0: config.text.width (local encoders)
+        guidance_embed=False,    # FLUX.1-dev style guidance input (config.flux.guidance)
+        qkv_bias=True,
+    ))
+
+    # FLUX training and sampling (dydit_jax/flux_loss.py, flux_pipeline.py).
+    c.flux = ml_collections.ConfigDict(dict(
+        time_sampling="logit_normal",   # logit_normal | uniform training times
+        logit_mean=0.0, logit_std=1.0,
+        shift=True,              # FLUX's resolution-dependent time shift (training and sampling)
+        guidance=3.5,            # the guidance input of guidance_embed models
+        true_cfg=1.0,            # sampling: > 1 also runs the empty prompt (real CFG)
+        distill=0.0,             # DyFLUX: weight of the MSE to the every-token velocity
+    ))
+
+    # FLUX's text encoders (dydit_jax/text_conditioning.py).
+    c.text = ml_collections.ConfigDict(dict(
+        encoders="local",        # local (small seeded T5 + CLIP, word-level tokenizer of the
+                                 # captioned digits) | hf (transformers folders below)
+        t5_dir="", clip_dir="",  # hf: config.json, *.safetensors, tokenizer.json
+        t5_max_length=12, clip_max_length=12,   # FLUX.1: 512 (dev) / 256 (schnell), 77
+        width=32, layers=2, heads=2, seed=0,    # local encoders
+        dropout=0.1,             # training: a caption becomes the empty prompt (for true CFG)
     ))
 
     # DyDiT (DESIGN.md 1): routers in the model and the FLOPs-constrained objective.
@@ -204,6 +233,8 @@ def base_config() -> ml_collections.ConfigDict:
         # adapter_model.safetensors, or the file) put on the `checkpoint` weights (peft.method
         # "lora"; rank and scale come from the file).
         adapters="",
+        prompts=(),              # text-to-image models: the prompts (per_class images each)
+        prompt_file="",          # or a text file, one prompt per line
     ))
 
     # mode=evaluate (dydit_jax/evaluate.py): FID-50K etc. of the `sample.checkpoint` weights,

@@ -50,7 +50,7 @@ exactly; XLA's own `cost_analysis()` counts a while/scan body only once and adds
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -487,6 +487,24 @@ def flux_macs_ratio(model, n_img: int, n_txt: int, kept) -> float:
             / flux_macs(model, n_img, n_txt)["total"])
 
 
+def flux_macs_ratio_fn(model, n_img: int, n_txt: int) -> Callable:
+    """ratio(kept [blocks, B]) -> [B]: `flux_macs_ratio` per sample as a traceable function of
+    the kept image-token counts (or soft mask sums), for the DyFLUX objective. `flux_macs`
+    is affine in the counts, so its value at 0 and its slope per block give it exactly."""
+    blocks = model.depth + model.depth_single_blocks
+    static = flux_macs(model, n_img, n_txt)["total"]
+    base = flux_macs(model, n_img, n_txt, np.zeros(blocks))["total"]
+    slope = np.asarray([flux_macs(model, n_img, n_txt, np.eye(blocks)[b])["total"] - base
+                        for b in range(blocks)], np.float64)
+
+    def ratio(kept):
+        kept = jnp.asarray(kept, jnp.float32)
+        return base / static + jnp.einsum("k,kb->b", jnp.asarray(slope / static, jnp.float32),
+                                          kept)
+
+    return ratio
+
+
 def jaxpr_macs(fn, *args, **kwargs) -> int:
     """MACs of the matmuls (`dot_general`) and convolutions of `fn(*args, **kwargs)`, counted
     exactly from its jaxpr (nothing is run: abstract args such as `jax.ShapeDtypeStruct` work).
@@ -513,5 +531,5 @@ __all__ = [
     "static_macs", "block_shapes", "block_costs", "model_block_costs", "flops_ratio",
     "flops_loss", "counts_from_masks",
     "dynamic_macs", "macs_ratio", "jaxpr_macs", "xla_flops", "FLUX_PARTS", "flux_macs",
-    "flux_macs_ratio",
+    "flux_macs_ratio", "flux_macs_ratio_fn",
 ]

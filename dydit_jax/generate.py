@@ -74,14 +74,13 @@ def load_weights(config, workdir: str, model) -> SamplingWeights:
                                step_name(step), step)
     name = os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
     from dydit_jax import convert
+    scanned = getattr(model, "scan_layers", False)   # FLUX keeps per-block params
     if os.path.isdir(os.path.join(source, "checkpoints")):   # another run's workdir: its EMA
         from dydit_jax.train import _latest_ema
-        weights = SamplingWeights(convert.to_layout(_latest_ema(source), model.scan_layers),
-                                  name)
+        weights = SamplingWeights(convert.to_layout(_latest_ema(source), scanned), name)
     elif os.path.isdir(source) and not convert.is_diffusers_dir(source):
         # The converter writes per-block params; scanned configs (the ImageNet ones) stack them.
-        weights = SamplingWeights(convert.to_layout(load_params(source), model.scan_layers),
-                                  name)
+        weights = SamplingWeights(convert.to_layout(load_params(source), scanned), name)
     else:
         which = "ema" if config.sample.use_ema else "model"
         weights = SamplingWeights(convert.from_pytorch(source, model, which=which)["params"],
@@ -291,12 +290,16 @@ def output_name(config, weights: SamplingWeights) -> str:
     """The samples folder's readable name: the weights and the main sampler settings
     (`sample_settings` holds all of them; `output_dir` tells apart runs it does not name)."""
     sc = config.sample
-    if config.transport.enabled:
+    from dydit_jax import families
+    cfg = sc.cfg_scale
+    if families.family_of(config).text:   # FLUX: Euler over the shifted schedule, true CFG
+        solver, cfg = f"euler{sc.num_steps}", config.flux.true_cfg
+    elif config.transport.enabled:
         tc = config.transport
         solver = f"{tc.sampler}-{str(tc.method).lower()}{tc.num_steps}"
     else:
         solver = f"{sc.sampler}{sc.num_steps}" + (f"-eta{sc.eta:g}" if sc.eta else "")
-    parts = [weights.name, solver, f"cfg{sc.cfg_scale:g}"]
+    parts = [weights.name, solver, f"cfg{cfg:g}"]
     if sc.engine != "masked":
         parts.append(sc.engine)
     if config.seed:
@@ -316,7 +319,10 @@ def sample_settings(config, weights: SamplingWeights) -> dict:
     """Everything that decides the samples (the weights' name, seed, model, dynamic,
     diffusion / transport and sample sections, but not where they are written): stored as
     the folder's settings.json, so a run finds its own earlier samples and only those."""
+    from dydit_jax import families
     sections = ("model", "dynamic", "transport" if config.transport.enabled else "diffusion")
+    if families.family_of(config).text:
+        sections = ("model", "dynamic", "flux", "text")
     settings = {name: config[name].to_dict() for name in sections}
     settings["sample"] = {k: v for k, v in config.sample.to_dict().items()
                           if k not in _OUTPUT_KEYS}
@@ -376,6 +382,11 @@ def sample_from_workdir(config, workdir: str, params=None, step: Optional[int] =
         raise FileExistsError(f"config.sample.output_dir={sc.output_dir!r} holds samples of other "
                               f"weights or settings ({', '.join(existing)}): choose another "
                               f"folder, or set --config.sample.overwrite=True to replace them")
+    from dydit_jax import families
+    if families.family_of(config).text:
+        from dydit_jax.flux_pipeline import sample_to_folder
+        return sample_to_folder(config, model, weights, out_dir,
+                                sample_settings(config, weights))
     latent = is_latent_model(config)
     vae = vae_dir(config) if latent else None
     if vae:   # loaded before sampling: a wrong VAE folder fails before the long part

@@ -45,6 +45,8 @@ def build_model(config: ml_collections.ConfigDict) -> DiT:
     from dydit_jax import families
     mc = config.model
     family = families.family_of(config)
+    if family.build is not None:
+        return family.build(config)
     if family.flow and not config.transport.enabled:
         raise ValueError(f"config.model.name={mc.name!r} is a flow-matching model: set "
                          f"config.transport.enabled=True")
@@ -119,7 +121,12 @@ def diffusion_loss_fn(model: DiT, diffusion) -> Callable:
 def build_loss_fn(config, model: DiT, diffusion=None) -> Callable:
     """The plain objective, or the DyDiT one when `config.dynamic.enabled`: of the ADM
     `diffusion` (built from the config when None), or of the flow-matching transport when
-    `config.transport.enabled` (then `diffusion` is unused)."""
+    `config.transport.enabled` (then `diffusion` is unused); a family's own objective (FLUX)
+    when its registry entry names one."""
+    from dydit_jax import families
+    family = families.family_of(config)
+    if family.loss is not None:
+        return family.loss(config, model)
     if config.transport.enabled:
         from dydit_jax import flow_loss
         transport = build_transport(config)
@@ -345,7 +352,7 @@ def initial_params(config, model: DiT, fresh_params):
         from dydit_jax.convert import from_pytorch
         loaded = from_pytorch(source, model)["params"]
     from dydit_jax.convert import to_layout
-    params = merge_params(fresh_params, to_layout(loaded, model.scan_layers))
+    params = merge_params(fresh_params, to_layout(loaded, getattr(model, "scan_layers", False)))
     if config.dynamic.enabled and config.dynamic.reorder:
         from dydit_jax.reorder import reorder_by_importance
         params, _ = reorder_by_importance(params, model.num_heads,
@@ -404,6 +411,19 @@ def run_status(start_step: int, num_steps: int, workdir: str) -> str:
     return f"training from step 0 to {num_steps} in {workdir}"
 
 
+def text_conditioner(config, source):
+    """For a text-conditioned family on captioned data: the host-side step that adds the
+    captions' T5 / CLIP embeddings to each batch (`text_conditioning.BatchConditioner`);
+    None otherwise (class labels, or shards that carry the embeddings)."""
+    from dydit_jax import families
+    if not families.family_of(config).text or not hasattr(source, "captions"):
+        return None
+    from dydit_jax import text_conditioning
+    encoders = text_conditioning.from_config(config.text)
+    return text_conditioning.BatchConditioner(encoders, source.captions,
+                                              dropout=config.text.dropout, seed=config.seed)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
     tc = config.train
@@ -435,6 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
                                     local_batch_size=local_bs)
     if data_state is not None:
         source.set_state(data_state)
+    condition = text_conditioner(config, source)
 
     in_shardings = (state_shardings, sharding_lib.batch_sharding(mesh))
     if peft is not None:
@@ -461,7 +482,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     bar = tqdm(range(start_step, end_step), initial=start_step, total=tc.num_steps,
                desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
     for step in bar:
-        batch = sharding_lib.global_batch(source.next(), mesh)
+        host_batch = source.next()
+        if condition is not None:
+            host_batch = condition(host_batch, step)
+        batch = sharding_lib.global_batch(host_batch, mesh)
         state, metrics = train_step(state, batch)
         acc = accumulate(acc, metrics)
         done = step + 1

@@ -10,7 +10,8 @@ from tokenizers.pre_tokenizers import Whitespace
 
 from conftest import run_python
 from dydit_jax.convert_vae import flux_autoencoder
-from dydit_jax.flux_pipeline import FluxPipeline, save_images, tokenize
+from dydit_jax.flux_pipeline import FluxPipeline, save_images
+from dydit_jax.text_conditioning import tokenize
 from dydit_jax.models import FLUX
 from dydit_jax.models.text_encoders import CLIPTextConfig, CLIPTextModel, T5Config, T5Encoder
 

@@ -6,6 +6,8 @@ static Latte (parity with Vchitect/Latte in tests/test_latte.py). The engine mus
 masked path at float32 tolerance (1e-5: the gathered matmuls sum the same products in another
 order), on 1 and 8 simulated devices.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -242,16 +244,17 @@ def test_scan_layers_equals_the_unrolled_stack(latte):
     x, t, y = clip_inputs()
     rngs = {"gumbel": jax.random.PRNGKey(0), "label_dropout": jax.random.PRNGKey(1)}
     for kw in (dict(), dict(train=True, rngs=rngs)):
-        (out, aux), (ref, ref_aux) = (m.apply(v, x, t, y, **kw) for m, v in
-                                      ((scanned, stacked), (model, variables)))
+        (out, aux), (ref, ref_aux) = (jax.jit(functools.partial(m.apply, **kw))(v, x, t, y)
+                                      for m, v in ((scanned, stacked), (model, variables)))
         np.testing.assert_allclose(out, ref, **TOL)
         for k in ("head_masks", "group_masks", "token_masks"):
             np.testing.assert_array_equal(aux[k], ref_aux[k])
 
     def loss(m, p):
         return jnp.mean(m.apply({"params": p}, x, t, y, train=True, rngs=rngs)[0] ** 2)
-    grads = jax.grad(lambda p: loss(scanned, p))(stacked["params"])
-    ref = convert.to_layout(jax.grad(lambda p: loss(model, p))(variables["params"]), True)
+    grads = jax.jit(jax.grad(lambda p: loss(scanned, p)))(stacked["params"])
+    ref = convert.to_layout(jax.jit(jax.grad(lambda p: loss(model, p)))(variables["params"]),
+                            True)
     for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-4)
     a = Engine(scanned, stacked, create_diffusion("ddim10"), sampler="ddim", **COARSE)

@@ -10,6 +10,7 @@ Usage::
     source.set_state(state)    # the following batches equal an uninterrupted run's
 
 ``config.data.name`` picks the source: "digits" (sklearn 8x8 digits upsampled),
+"captioned_digits" (the same with a caption each, for text-to-image),
 "moving_digits" (videos of those digits bouncing on a canvas, [b, F, H, W, C]),
 "imagenet" (tfds random access + DiT center crop), "ucf101" (tfds-prepared UCF-101
 clips, [b, F, S, S, 3]), "video_folder" (clips of the video files in a folder, by
@@ -26,8 +27,8 @@ from dydit_jax.data.base import DataSource, EpochSampler
 from dydit_jax.data.latents import LatentShards, write_latent_shards
 from dydit_jax.data.transforms import center_crop_arr
 
-SOURCES = ("digits", "moving_digits", "imagenet", "ucf101", "video_folder", "latents",
-           "synthetic")
+SOURCES = ("digits", "captioned_digits", "moving_digits", "imagenet", "ucf101", "video_folder",
+           "latents", "synthetic")
 VIDEO_SOURCES = ("moving_digits", "ucf101", "video_folder")   # batches [b, F, H, W, C]
 
 
@@ -49,6 +50,10 @@ def create_source(
         from dydit_jax.data.digits import DigitsSource
 
         return DigitsSource(config, **kwargs)
+    if name == "captioned_digits":
+        from dydit_jax.data.captioned_digits import CaptionedDigitsSource
+
+        return CaptionedDigitsSource(config, **kwargs)
     if name == "moving_digits":
         from dydit_jax.data.moving_digits import MovingDigitsSource
 

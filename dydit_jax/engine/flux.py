@@ -231,27 +231,46 @@ class FluxEngine:
         return self._cache.compiles
 
     def _denoise(self, rest, doubles, singles, img, img_ids, txt, txt_ids, vec, timesteps,
-                 guidance):
+                 guidance, true_cfg=1.0, neg=None):
         b = img.shape[0]
-        g = jnp.full((b,), guidance, jnp.float32) if self.model.guidance_embed else None
+        if neg is not None:     # true CFG: the prompt and the negative prompt in one batch
+            txt = jnp.concatenate([txt, neg[0]])
+            txt_ids = jnp.concatenate([txt_ids, neg[1]])
+            vec = jnp.concatenate([vec, neg[2]])
+            img_ids = jnp.concatenate([img_ids, img_ids])
+        rows = txt.shape[0]
+        g = jnp.full((rows,), guidance, jnp.float32) if self.model.guidance_embed else None
 
         def step(x, pair):
             t_curr, t_prev = pair
-            v, kept = forward(self.model, rest, doubles, singles, x, img_ids, txt, txt_ids,
-                              jnp.full((b,), t_curr, x.dtype), vec, g, self.capacities)
+            xs = x if neg is None else jnp.concatenate([x, x])
+            v, kept = forward(self.model, rest, doubles, singles, xs, img_ids, txt, txt_ids,
+                              jnp.full((rows,), t_curr, x.dtype), vec, g, self.capacities)
+            if neg is not None:
+                v = v[b:] + true_cfg * (v[:b] - v[b:])
             return x + (t_prev - t_curr).astype(x.dtype) * v.astype(x.dtype), kept
 
         return lax.scan(step, img, (timesteps[:-1], timesteps[1:]))
 
-    def denoise(self, img, img_ids, txt, txt_ids, vec, timesteps, guidance: float = 4.0):
-        """`flux_sampling.denoise` on the routed model; one executable per input shapes (any
-        schedule of the same length and any guidance reuse it)."""
+    def denoise(self, img, img_ids, txt, txt_ids, vec, timesteps, guidance: float = 4.0,
+                true_cfg: float = 1.0, neg_txt=None, neg_txt_ids=None, neg_vec=None):
+        """`flux_sampling.denoise` on the routed model; one executable per input shapes and
+        `true_cfg` (any schedule of the same length and any guidance reuse it). With
+        `true_cfg` != 1 the negative prompt runs in the same batch (kept: [steps, blocks, 2B],
+        the prompts' rows first)."""
+        neg = None
+        if true_cfg != 1.0:
+            if neg_txt is None or neg_txt_ids is None or neg_vec is None:
+                raise ValueError("true_cfg != 1 needs neg_txt, neg_txt_ids and neg_vec")
+            neg = (neg_txt, neg_txt_ids, neg_vec)
         args = (self.rest, self.doubles, self.singles, img, img_ids, txt, txt_ids, vec,
                 jnp.asarray(timesteps, jnp.float32), jnp.asarray(guidance, jnp.float32))
-        key = ("denoise",) + tuple((tuple(jnp.shape(a)), str(jnp.result_type(a)))
-                                   for a in args[3:])
-        exe = self._cache.get(key, lambda: jax.jit(self._denoise).lower(*args))
-        return exe(*args)
+        key = ("denoise", float(true_cfg)) + tuple(
+            (tuple(jnp.shape(a)), str(jnp.result_type(a)))
+            for a in args[3:] + (() if neg is None else neg))
+        fn = functools.partial(self._denoise, true_cfg=float(true_cfg))
+        exe = self._cache.get(key, lambda: jax.jit(fn).lower(*args, neg=neg))
+        return exe(*args, neg=neg)
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
         """One routed evaluation (out, kept per block), compiled once per input shapes."""

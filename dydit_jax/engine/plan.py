@@ -349,12 +349,16 @@ def get_plan(model, variables, schedule, cache_dir: Optional[Union[str, os.PathL
     timesteps = schedule_timesteps(schedule)
     fp = plan_fingerprint(model, variables)
     key = (fp, str(timesteps.dtype).encode() + timesteps.tobytes())
-    if key in _PLANS:
-        return _PLANS[key]
     path = None
     if cache_dir is not None:
         tag = hashlib.sha256(fp.encode() + key[1]).hexdigest()[:16]
         path = os.path.join(os.fspath(cache_dir), f"width_plan-{tag}.npz")
+    if key in _PLANS:
+        # Built earlier in this process (perhaps for another workdir): still leave the file
+        # beside this checkpoint, so the next process finds it.
+        if path is not None and not os.path.exists(path):
+            _PLANS[key].save(path)
+        return _PLANS[key]
     if path is not None and os.path.exists(path):
         plan = WidthPlan.load(path)
         if plan.fingerprint != fp or not _same_times(plan.timesteps, timesteps):
