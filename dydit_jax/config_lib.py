@@ -407,6 +407,66 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.transport.enabled:
         _check_transport(config)
     _check_peft(config)
+    _check_flux(config)
+
+
+def _check_flux(config) -> None:
+    """The FLUX family's model sizes, `flux`, `text` and prompt keys."""
+    from dydit_jax import families
+    family = families.family_of(config)
+    captioned = config.data.name == "captioned_digits"
+    if not family.text:
+        if captioned and config.mode == "train":
+            _fail("data.name", config.data.name, "captioned data trains a text-to-image model: "
+                  "set config.model.family=flux (or a flux-* preset)")
+        return
+    if config.transport.enabled:
+        _fail("transport.enabled", True, "FLUX trains with its own rectified flow "
+              "(config.flux); leave config.transport off")
+    if config.peft.method != "none":
+        _fail("peft.method", config.peft.method, "PEFT is not wired for FLUX yet")
+    mc = config.model
+    if mc.name == "custom":
+        if mc.depth_single_blocks < 0:
+            _fail("model.depth_single_blocks", mc.depth_single_blocks, "must be >= 0")
+        head = mc.hidden_size // mc.num_heads
+        if mc.axes_dim and sum(mc.axes_dim) != head:
+            _fail("model.axes_dim", tuple(mc.axes_dim), f"must sum to the head size "
+                  f"hidden_size / num_heads = {head}")
+        if not mc.axes_dim:
+            try:
+                families.default_axes_dim(head)
+            except ValueError as e:
+                _fail("model.num_heads", mc.num_heads, str(e))
+    from dydit_jax.flux_loss import TIME_SAMPLING
+    _check_choice(config, "flux.time_sampling", TIME_SAMPLING)
+    if config.flux.logit_std <= 0:
+        _fail("flux.logit_std", config.flux.logit_std, "must be > 0")
+    if config.flux.distill < 0:
+        _fail("flux.distill", config.flux.distill, "must be >= 0 (0: no distillation)")
+    if config.flux.true_cfg < 1:
+        _fail("flux.true_cfg", config.flux.true_cfg, "must be >= 1 (1: no true CFG)")
+    tc = config.text
+    _check_choice(config, "text.encoders", ("local", "hf"))
+    _check_positive(config, "text.t5_max_length", "text.clip_max_length")
+    if tc.encoders == "local":
+        _check_positive(config, "text.width", "text.layers", "text.heads")
+        if tc.width % tc.heads:
+            _fail("text.width", tc.width, f"must be divisible by config.text.heads={tc.heads}")
+    elif not (tc.t5_dir and tc.clip_dir):
+        _fail("text.encoders", "hf", "needs config.text.t5_dir and config.text.clip_dir "
+              "(transformers folders with config.json, *.safetensors, tokenizer.json)")
+    if not 0 <= tc.dropout < 1:
+        _fail("text.dropout", tc.dropout, "must be in [0, 1)")
+    if config.mode == "train" and not captioned:
+        _fail("data.name", config.data.name, "FLUX trains on captioned data: captioned_digits "
+              "(image-caption sets with extracted text embeddings are not wired yet)")
+    if config.sample.prompts and config.sample.prompt_file:
+        _fail("sample.prompt_file", config.sample.prompt_file, "set sample.prompts or "
+              "sample.prompt_file, not both")
+    if config.sample.prompt_file and _is_local(config.sample.prompt_file) and \
+            not os.path.isfile(config.sample.prompt_file):
+        _fail("sample.prompt_file", config.sample.prompt_file, "no such file")
 
 
 def pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

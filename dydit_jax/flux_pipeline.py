@@ -60,6 +60,7 @@ class FluxPipeline:
             self.engine = FluxEngine(flux, flux_variables)
         self._programs: Dict[tuple, object] = {}
         self._traces = 0          # sampling programs traced (= compiled) so far
+        self.kept = []            # engine: kept image tokens [steps, blocks, rows] per call
 
     @property
     def compile_count(self) -> int:
@@ -128,10 +129,11 @@ class FluxPipeline:
 
             def fn(flux_vars, ae_vars, rng, txt, txt_ids, vec, guidance, neg_txt, neg_vec):
                 noise = jax.random.normal(rng, (batch, n_img, c), jnp.float32)
-                img, _ = self.engine.denoise(noise, ids, txt, txt_ids, vec, schedule,
-                                             guidance=guidance, true_cfg=true_cfg,
-                                             neg_txt=neg_txt, neg_txt_ids=txt_ids,
-                                             neg_vec=neg_vec)
+                img, kept = self.engine.denoise(noise, ids, txt, txt_ids, vec, schedule,
+                                                guidance=guidance, true_cfg=true_cfg,
+                                                neg_txt=neg_txt, neg_txt_ids=txt_ids,
+                                                neg_vec=neg_vec)
+                self.kept.append(kept)
                 return decode_fn(ae_vars, img)
         self._programs[key] = fn
         return fn
@@ -267,8 +269,36 @@ def sample_to_folder(config, model, weights, out_dir: str, settings: dict) -> np
     wall = time.perf_counter() - t0
     if jax.process_index() == 0:
         save_images(images, out_dir, todo, columns=sc.per_class)
+        np.savez(os.path.join(out_dir, "samples.npz"), images,
+                 np.asarray(todo, dtype=object))
         with open(os.path.join(out_dir, "settings.json"), "w") as f:
             json.dump(settings, f, indent=1)
+        labels = _named_digits(todo) if factor == 1 and size % 8 == 0 else None
+        if labels is not None:
+            from dydit_jax.evaluation.digit_accuracy import accuracy
+            score = accuracy(images[..., :1], labels, scale=size // 8)["frame_accuracy"]
+            print(f"digit accuracy (the digit each prompt names): {score:.3f}")
         print(f"sampled {len(images)} images of {len(prompts)} prompts in {wall:.1f} s "
               f"({pipe.compile_count} sampling program(s) compiled) -> {out_dir}")
+        if pipe.kept:
+            from dydit_jax import flops
+            kept = np.concatenate([np.asarray(k) for k in pipe.kept], axis=2)
+            n_img = (size // factor // 2) ** 2
+            per_block = kept.mean(axis=(0, 2))
+            ratio = flops.flux_macs_ratio(model, n_img, config.text.t5_max_length, per_block)
+            print(f"engine: kept {kept.mean() / n_img:.3f} of the image tokens "
+                  f"(per block {np.round(per_block / n_img, 3).tolist()}), FLOPs ratio "
+                  f"{ratio:.3f} of the static model")
     return images
+
+
+def _named_digits(prompts):
+    """The digit each prompt names ("a bold seven" -> 7), or None if one names none."""
+    from dydit_jax.data.captioned_digits import DIGIT_WORDS
+    labels = []
+    for p in prompts:
+        found = [i for i, w in enumerate(DIGIT_WORDS) if w in p.replace(",", " ").split()]
+        if len(found) != 1:
+            return None
+        labels.append(found[0])
+    return np.asarray(labels)

@@ -90,6 +90,13 @@ BAD_VALUES = [
     ("digits_sit", {"transport.num_steps": 1}, "transport.num_steps"),
     ("digits_sit", {"transport.diffusion_form": "cosine"}, "transport.diffusion_form"),
     ("digits_sit", {"transport.last_step": "Mode"}, "transport.last_step"),
+    ("flux_digits", {"flux.time_sampling": "cosine"}, "flux.time_sampling"),
+    ("flux_digits", {"flux.true_cfg": 0.5}, "flux.true_cfg"),
+    ("flux_digits", {"model.axes_dim": (2, 2, 2)}, "model.axes_dim"),
+    ("flux_digits", {"text.encoders": "openai"}, "text.encoders"),
+    ("flux_digits", {"text.dropout": 1.0}, "text.dropout"),
+    ("flux_digits", {"data.name": "digits"}, "data.name"),       # FLUX needs captions
+    ("digits", {"data.name": "captioned_digits"}, "data.name"),  # a DiT takes no captions
 ]
 
 

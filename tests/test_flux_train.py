@@ -175,7 +175,7 @@ def _tiny_config(workdir_arg=""):
     return c
 
 
-def test_main_trains_samples_prompts_and_fine_tunes_dyflux(tmp_path):
+def test_main_trains_samples_prompts_and_fine_tunes_dyflux(tmp_path, capsys):
     config = _tiny_config()
     assert isinstance(families.family_of(config).build(config), FLUX)
     base = tmp_path / "flux"
@@ -198,3 +198,4 @@ def test_main_trains_samples_prompts_and_fine_tunes_dyflux(tmp_path):
     assert rows[-1]["token_target"] == pytest.approx(0.5)
     folder = next((tmp_path / "dyflux" / "samples").iterdir())
     assert folder.name.endswith("gathered") and (folder / "grid.png").exists()
+    assert "engine: kept" in capsys.readouterr().out
