@@ -480,6 +480,9 @@ def main():
                     help="--family flux: hidden size (heads of 128)")
     ap.add_argument("--flux-depth", nargs=2, type=int, default=[2, 4],
                     help="--family flux: double and single blocks")
+    ap.add_argument("--flux-tdw", type=float, default=0.0,
+                    help="--family flux: > 0 adds TDW routers keeping this fraction of the "
+                         "heads and MLP groups of every block (0: token routing only)")
     ap.add_argument("--image-tokens", type=int, default=1024, help="--family flux")
     ap.add_argument("--text-tokens", type=int, default=256, help="--family flux")
     ap.add_argument("--method", default="euler",

@@ -22,6 +22,11 @@ time) x MACs ratio, that reduction turned into time. "cap MACs" counts the rows 
 really computes (kept counts rounded up to its capacity buckets: a double block's batch
 total, a single block's per sample; `capacity_rows`), and "cap eff" divides by that instead: the
 part of the gap due to bucketing vs. the part due to the gathered blocks themselves.
+
+`--flux-tdw f` (> 0) adds TDW: the width routers of every block get zero kernels and biases
+that switch on ceil(f H) heads and as many MLP groups of each router (the same at every t),
+the engine gathers them (width buckets: quarters), and the MACs ratio counts heads and groups
+too ("cap MACs" then counts the tokens only at full width: read "MACs" for TDW rows).
 """
 from __future__ import annotations
 
@@ -38,10 +43,24 @@ from dydit_jax.models import FLUX
 from dydit_jax.models.flux import image_ids
 
 
-def reduced_flux(hidden: int, depth: int, single: int, dtype) -> FLUX:
+def reduced_flux(hidden: int, depth: int, single: int, dtype, tdw: bool = False) -> FLUX:
     return FLUX(in_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=hidden,
                 mlp_ratio=4.0, num_heads=hidden // 128, depth=depth, depth_single_blocks=single,
-                axes_dim=(16, 56, 56), dynamic=True, dtype=dtype)
+                axes_dim=(16, 56, 56), dynamic=True, dynamic_width=tdw, dtype=dtype)
+
+
+def set_widths(model, params, fraction: float):
+    """Width routers that switch on ceil(fraction H) of each router's heads / groups."""
+    import math
+    on = max(1, math.ceil(fraction * model.num_heads - 1e-9))
+    bias = np.where(np.arange(model.num_heads - 1) < on - 1, 30.0, -30.0).astype(np.float32)
+    params = jax.tree_util.tree_map(lambda a: a, params)
+    for name, block in params.items():
+        for router in ("head_router", "group_router", "txt_group_router"):
+            if router in block:
+                block[router] = {"kernel": np.zeros_like(block[router]["kernel"]),
+                                 "bias": bias}
+    return params
 
 
 def inputs(batch: int, n_img: int, n_txt: int, seed: int):
@@ -81,12 +100,15 @@ def _timed(fn):
 
 def run(args, meta, write, out_path):
     dtype = jnp.bfloat16 if args.dtypes == ["bfloat16"] else jnp.float32
-    model = reduced_flux(args.flux_hidden, args.flux_depth[0], args.flux_depth[1], dtype)
+    tdw = getattr(args, "flux_tdw", 0.0)
+    model = reduced_flux(args.flux_hidden, args.flux_depth[0], args.flux_depth[1], dtype,
+                         tdw > 0)
     n_img, n_txt = args.image_tokens, args.text_tokens
     results = []
     meta = dict(meta, flux=dict(hidden=args.flux_hidden, heads=model.num_heads,
                                 depth=args.flux_depth, image_tokens=n_img, text_tokens=n_txt,
-                                guidance=3.5, sampler=f"euler-{args.steps}"))
+                                guidance=3.5, sampler=f"euler-{args.steps}",
+                                tdw_width=tdw or None))
     static_macs = flops.flux_macs(model, n_img, n_txt)["total"]
     spec = args.token_capacities
     capacities = None if spec == ["engine"] else tuple(float(f) for f in spec)
@@ -116,7 +138,8 @@ def run(args, meta, write, out_path):
         variants["static"] = dict(fn=lambda: static_fn(params, x["img"], schedule),
                                   compile_s=time.perf_counter() - t0, macs=1.0, keep=1.0)
         for keep in args.token_keep:
-            p = calibrate(model, params, x, keep)
+            p = set_widths(model, params, tdw) if tdw else params
+            p = calibrate(model, p, x, keep)
             masked_fn = sampler(True)
             t0 = time.perf_counter()
             masked_fn.lower(p, x["img"], schedule).compile()
@@ -129,12 +152,14 @@ def run(args, meta, write, out_path):
                                   schedule, guidance=3.5)
             per_sample = np.asarray(kept).mean(axis=(0, 2))
             cap_kept = capacity_rows(model, np.asarray(kept), eng.capacities, n_img)
+            width = ({k: np.asarray(v).mean(axis=0) for k, v in eng.widths.items()}
+                     if eng.widths is not None else {})
             variants[f"engine{round(keep * 100)}"] = dict(
                 fn=functools.partial(eng.denoise, x["img"], x["img_ids"], x["txt"],
                                      x["txt_ids"], x["vec"], schedule, 3.5),
                 compile_s=time.perf_counter() - t0, keep=keep,
                 keep_seen=float(per_sample.mean() / n_img),
-                macs=flops.flux_macs_ratio(model, n_img, n_txt, per_sample),
+                macs=flops.flux_macs_ratio(model, n_img, n_txt, per_sample, **width),
                 cap_macs=flops.flux_macs_ratio(model, n_img, n_txt, cap_kept),
                 engine=eng)
         times = {name: [] for name in variants}

@@ -66,6 +66,12 @@ def base_config() -> ml_collections.ConfigDict:
         guidance=3.5,            # the guidance input of guidance_embed models
         true_cfg=1.0,            # sampling: > 1 also runs the empty prompt (real CFG)
         distill=0.0,             # DyFLUX: weight of the MSE to the every-token velocity
+        tdw=False,               # DyFLUX + TDW: head / MLP-group routers on time_in(t) (the
+                                 # paper's figure, not released; the FLOPs target then bounds
+                                 # the MACs ratio instead of the kept-token fraction)
+        capacities=(),           # the engine's token capacity buckets (fractions of the image
+                                 # tokens); empty: sixteenths (engine.flux.FLUX_CAPACITIES)
+        width_grid=(),           # the engine's TDW width buckets (fractions of H); empty: quarters
     ))
 
     # FLUX's text encoders (dydit_jax/text_conditioning.py).
@@ -149,8 +155,9 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     c.data = ml_collections.ConfigDict(dict(
-        name="synthetic",        # digits | moving_digits | imagenet | ucf101 | video_folder |
-                                 # latents | synthetic (see dydit_jax/data)
+        name="synthetic",        # digits | captioned_digits | caption_folder | tfds_captions |
+                                 # moving_digits | imagenet | ucf101 | video_folder | latents |
+                                 # synthetic (see dydit_jax/data)
         image_size=32,
         channels=4,              # digits: 1 or 3; synthetic: any
         num_classes=1000,        # synthetic labels
@@ -161,12 +168,15 @@ def base_config() -> ml_collections.ConfigDict:
         random_flip=False,       # horizontal flips (digits, imagenet)
         resize="nearest",        # digits upsampling: nearest | bilinear
         tfds_name="imagenet2012",
-        data_dir=opt_str(),      # tfds data dir (imagenet, ucf101); video_folder: the videos
+        data_dir=opt_str(),      # tfds data dir (imagenet, ucf101, tfds_captions);
+                                 # video_folder: the videos; caption_folder: the images + .txt
         manual_dir=opt_str(),
         download_and_prepare=False,
         split="train",
         host_split="tfds",       # imagenet: tfds (even file splits) | global (one permutation)
         decode="pil",
+        image_key="image",       # tfds_captions: the image feature
+        caption_key="caption",   # tfds_captions: the text feature ("a/b" nested; a list: first)
         num_workers=1,           # decoding threads
         prefetch=2,              # batches prepared ahead
         path=opt_str(),          # latents: directory of .npz shards
@@ -261,7 +271,8 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     # mode=extract (dydit_jax/extract_latents.py): tfds images -> VAE latent shards for
-    # data.name=latents (the tfds keys of `data` pick the dataset, evaluate.vae_dir the VAE).
+    # data.name=latents (the tfds keys of `data` pick the dataset, evaluate.vae_dir the VAE);
+    # for FLUX captioned images -> latents (or pixels, without a VAE) + T5 / CLIP embeddings.
     c.extract = ml_collections.ConfigDict(dict(
         output_dir=opt_str(),    # None: data.path, else <workdir>/latents
         shard_size=4_096,        # source images per shard (2x latents with flip copies)
@@ -413,13 +424,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _check_flux(config) -> None:
     """The FLUX family's model sizes, `flux`, `text` and prompt keys."""
     from dydit_jax import families
+    from dydit_jax.data import CAPTION_SOURCES
     family = families.family_of(config)
-    captioned = config.data.name == "captioned_digits"
+    captioned = config.data.name in CAPTION_SOURCES
     if not family.text:
-        if captioned and config.mode == "train":
+        if captioned and config.mode in ("train", "extract"):
             _fail("data.name", config.data.name, "captioned data trains a text-to-image model: "
                   "set config.model.family=flux (or a flux-* preset)")
         return
+    for key in ("capacities", "width_grid"):
+        bad = [f for f in config.flux[key] if not 0 < float(f) <= 1]
+        if bad:
+            _fail(f"flux.{key}", tuple(config.flux[key]), "fractions must lie in (0, 1] "
+                  "(e.g. (0.25, 0.5, 0.75)); empty for the engine's defaults")
+    if config.flux.tdw and not config.dynamic.enabled:
+        _fail("flux.tdw", True, "TDW is part of DyFLUX: set config.dynamic.enabled=True too "
+              "(or a config's lam= argument)")
     if config.transport.enabled:
         _fail("transport.enabled", True, "FLUX trains with its own rectified flow "
               "(config.flux); leave config.transport off")
@@ -458,9 +478,28 @@ def _check_flux(config) -> None:
               "(transformers folders with config.json, *.safetensors, tokenizer.json)")
     if not 0 <= tc.dropout < 1:
         _fail("text.dropout", tc.dropout, "must be in [0, 1)")
-    if config.mode == "train" and not captioned:
-        _fail("data.name", config.data.name, "FLUX trains on captioned data: captioned_digits "
-              "(image-caption sets with extracted text embeddings are not wired yet)")
+    sources = ", ".join(CAPTION_SOURCES)
+    if config.mode == "train" and not captioned and config.data.name != "latents":
+        _fail("data.name", config.data.name, f"FLUX trains on captioned data ({sources}) or "
+              f"on the latent shards with text embeddings that mode=extract writes from such "
+              f"data (latents)")
+    if config.mode == "extract":
+        if not captioned:
+            _fail("data.name", config.data.name, f"mode=extract for FLUX stores each image's "
+                  f"latent with its caption's embeddings: an image-caption source ({sources})")
+        if config.data.name == "captioned_digits" and config.extract.flip:
+            _fail("extract.flip", True, "a mirrored digit would not match its caption: set "
+                  "config.extract.flip=False")
+    if config.data.name == "tfds_captions":
+        for key in ("data.image_key", "data.caption_key"):
+            if not _get(config, key):
+                _fail(key, _get(config, key), "names a feature of the tfds dataset")
+    if (config.mode == "sample" and not (config.sample.vae_dir or config.evaluate.vae_dir)
+            and config.model.in_channels not in (1, 3)):
+        _fail("sample.vae_dir", config.sample.vae_dir,
+              f"a FLUX of {config.model.in_channels} latent channels decodes its samples "
+              "through the FLUX autoencoder: set config.sample.vae_dir (a vae/ folder or "
+              "ae.safetensors); only 1- or 3-channel pixel models sample without")
     if config.sample.prompts and config.sample.prompt_file:
         _fail("sample.prompt_file", config.sample.prompt_file, "set sample.prompts or "
               "sample.prompt_file, not both")
@@ -558,7 +597,13 @@ def check_sources(config: ml_collections.ConfigDict, workdir: str) -> None:
     if dc.name == "video_folder" and (reads_data or mode == "extract"):
         _check_exists(config, "data.data_dir", "it should be the folder of video files "
                       "(class subfolders, or the videos directly for one class)")
-    elif (reads_data and dc.name in ("imagenet", "ucf101")) or mode == "extract":
+    elif dc.name == "caption_folder" and (reads_data or mode == "extract"):
+        hint = "it should be the folder of images with same-stem .txt captions"
+        if not dc.data_dir:
+            _fail("data.data_dir", dc.data_dir, f"data.name=caption_folder reads a folder: {hint}")
+        _check_exists(config, "data.data_dir", hint)
+    elif (reads_data and dc.name in ("imagenet", "ucf101", "tfds_captions")) or \
+            mode == "extract":
         held = "ucf101/" + dc.ucf101_config if dc.name == "ucf101" else repr(dc.tfds_name)
         _check_exists(config, "data.data_dir", "it should be the tfds data directory that "
                       f"holds {held} (None: tfds's default directory)")
@@ -571,7 +616,15 @@ def check_sources(config: ml_collections.ConfigDict, workdir: str) -> None:
     if mode in ("sample", "train"):   # train mode samples at the end
         _check_exists(config, "sample.vae_dir", vae_hint)
     latent_samples = config.model.in_channels not in (1, 3)   # pictures have 1 or 3 channels
-    if (mode == "extract" or (mode == "evaluate" and dc.name == "latents")) and not ec.vae_dir:
+    from dydit_jax import families
+    family = families.family_of(config)
+    # A pixel-space FLUX (1 or 3 channels unpacked, the digits demo) extracts its pixels.
+    pixel_flux = family.text and family.build(config).in_channels // 4 in (1, 3)
+    if mode == "extract" and not ec.vae_dir and not pixel_flux:
+        _fail("evaluate.vae_dir", ec.vae_dir, f"mode=extract for a latent model needs the "
+              f"VAE that makes its latents: {vae_hint}" + (
+                  " (FLUX's: its vae/ folder or BFL's ae.safetensors)" if family.text else ""))
+    if mode == "evaluate" and dc.name == "latents" and not ec.vae_dir:
         _fail("evaluate.vae_dir", ec.vae_dir, f"mode={mode} with data.name={dc.name} needs the "
               f"VAE of the latents: {vae_hint}")
     if mode == "evaluate" and latent_samples and not ec.vae_dir:
@@ -579,8 +632,7 @@ def check_sources(config: ml_collections.ConfigDict, workdir: str) -> None:
               f"{config.model.in_channels}-channel latent samples to pictures with the VAE of "
               f"its latents: {vae_hint}")
     if mode == "evaluate":
-        from dydit_jax import families
-        video = families.family_of(config).video
+        video = family.video
         if video and not ec.i3d_path:
             _fail("evaluate.i3d_path", ec.i3d_path, "mode=evaluate of a video model needs "
                   "FVD's Kinetics-400 I3D weights (.npz; see dydit_jax/evaluation/i3d.py)")

@@ -50,6 +50,7 @@ from flax import traverse_util
 
 from dydit_jax import convert_flux
 from dydit_jax.models.dit import DiT
+from dydit_jax.sharding import STACKED_BLOCKS
 
 # Module renames from the PyTorch names to ours (applied to the dotted module path).
 _MODULE_RENAMES = (
@@ -64,7 +65,7 @@ _MODULE_RENAMES = (
 )
 
 # DyDiT router parameters: a plain DiT checkpoint loaded into a dynamic model leaves these fresh.
-ROUTER_PATTERN = r"/(head_router|group_router|token_router)/"
+ROUTER_PATTERN = r"/(head_router|group_router|txt_group_router|token_router)/"
 
 # Keys of official checkpoints that hold no parameter of ours: they are checked, not loaded.
 _FIXED_BUFFERS = ("pos_embed", "temp_embed")
@@ -219,7 +220,9 @@ def load_report(source: Any, model: DiT, which: str = "ema",
     if flux and convert_flux.is_diffusers_named(state):
         state = convert_flux.diffusers_to_bfl(state)
     try:
-        params, fresh = _match(state, model, allow_missing)
+        # A scanned FLUX is matched per block, then stacked (`to_layout`).
+        params, fresh = _match(state, convert_flux.per_block(model) if flux else model,
+                               allow_missing)
     except CheckpointMismatchError as e:
         folder = _diffusers_folder(source)
         if folder is None or flux:
@@ -230,6 +233,8 @@ def load_report(source: Any, model: DiT, which: str = "ema",
             sorted(_diffusers_name(k, depth) for k in e.missing), e.unexpected,
             [(_diffusers_name(k, depth), want, got) for k, want, got in e.mismatched],
             hint) from None
+    if flux and model.scan_layers:
+        params = jax.tree_util.tree_map(jnp.asarray, to_layout(params, scan_layers=True))
     return {"params": params}, fresh
 
 
@@ -377,18 +382,21 @@ def _stack_blocks(found, depth):
 
 
 def to_layout(params, scan_layers: bool):
-    """Params in the scanned ("blocks" stacked on a depth axis) or per-block ("blocks_i")
-    layout, whichever `scan_layers` asks for, from either."""
+    """Params in the scanned (each kind of `STACKED_BLOCKS` stacked on a depth axis: DiT's
+    and Latte's "blocks", FLUX's "double_blocks" and "single_blocks") or per-block
+    ("blocks_i", "double_blocks_i", ...) layout, whichever `scan_layers` asks for, from
+    either."""
     params = dict(params)
-    if scan_layers and "blocks_0" in params:
-        depth = sum(1 for k in params if k.startswith("blocks_"))
-        blocks = [params.pop(f"blocks_{i}") for i in range(depth)]
-        params["blocks"] = jax.tree_util.tree_map(lambda *a: np.stack(a), *blocks)
-    elif not scan_layers and "blocks" in params:
-        blocks = params.pop("blocks")
-        depth = jax.tree_util.tree_leaves(blocks)[0].shape[0]
-        for i in range(depth):
-            params[f"blocks_{i}"] = jax.tree_util.tree_map(lambda a: a[i], blocks)
+    for kind in STACKED_BLOCKS:
+        if scan_layers and f"{kind}_0" in params:
+            depth = sum(1 for k in params if re.fullmatch(rf"{kind}_\d+", k))
+            blocks = [params.pop(f"{kind}_{i}") for i in range(depth)]
+            params[kind] = jax.tree_util.tree_map(lambda *a: np.stack(a), *blocks)
+        elif not scan_layers and kind in params:
+            blocks = params.pop(kind)
+            depth = jax.tree_util.tree_leaves(blocks)[0].shape[0]
+            for i in range(depth):
+                params[f"{kind}_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], blocks)
     return params
 
 

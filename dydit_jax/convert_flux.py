@@ -178,6 +178,13 @@ def flax_to_bfl_key(path: Tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
+def per_block(model):
+    """`model` in the per-block layout (`double_blocks_{i}`, `single_blocks_{i}`): what the
+    checkpoint names are matched against. A `scan_layers` FLUX's parameters are stacked
+    afterwards (`convert.to_layout`)."""
+    return model.clone(scan_layers=False) if model.scan_layers else model
+
+
 def mismatch_hint(unexpected, mismatched) -> str:
     """What a FLUX mismatch most likely means, in one line ('' when nothing specific)."""
     if any(".token_router." in k for k in unexpected):
@@ -338,7 +345,8 @@ def stream_to_orbax(source, model, out_dir, overwrite: bool = False,
     `CheckpointMismatchError` of `convert.from_pytorch`, from the files' headers, no tensor
     read); the directory appears atomically (written beside it, renamed at the end). Read it
     with `load_streamed` (or `checkpointing.load_params`, `convert.from_pytorch`). Returns the
-    manifest.
+    manifest. The directory holds the per-block layout whatever `model.scan_layers` (stacking
+    would need every block at once): `convert.to_layout` or `convert.from_pytorch` stack it.
     """
     import gc
     import json
@@ -356,6 +364,7 @@ def stream_to_orbax(source, model, out_dir, overwrite: bool = False,
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir!r} exists and is not empty; pass overwrite=True "
                               f"(--overwrite) to replace it")
+    model = per_block(model)
     files = safetensors_files(source)
     readers = {path: SafetensorsReader(path) for path in files}
     where: Dict[str, str] = {}

@@ -106,14 +106,17 @@ def default_axes_dim(head_dim: int) -> Tuple[int, int, int]:
 
 def build_flux(config):
     """The FLUX of `config.model` (a preset name or "custom") with `config.text`'s widths
-    where the model leaves them 0, dynamic (DyFLUX token routers) if `config.dynamic`."""
+    where the model leaves them 0, dynamic (DyFLUX token routers) if `config.dynamic`, with
+    TDW width routers if also `config.flux.tdw`."""
     import jax.numpy as jnp
 
     from dydit_jax.models.flux import FLUX, FLUX_CONFIGS
     mc = config.model
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[mc.dtype]
-    common = dict(dynamic=config.dynamic.enabled, remat=mc.remat,
-                  remat_policy=mc.remat_policy, dtype=dtype)
+    common = dict(dynamic=config.dynamic.enabled,
+                  dynamic_width=config.dynamic.enabled and config.flux.tdw,
+                  scan_layers=mc.scan_layers, remat=mc.remat, remat_policy=mc.remat_policy,
+                  dtype=dtype)
     if mc.name != "custom":
         return FLUX(**dict(FLUX_CONFIGS[mc.name], **common))
     head_dim = mc.hidden_size // mc.num_heads

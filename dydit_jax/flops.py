@@ -435,7 +435,8 @@ FLUX_PARTS = ("embed", "modulation", "double_qkv", "double_attention", "double_p
               "single_attention", "single_linear2", "routers", "final")
 
 
-def flux_macs(model, n_img: int, n_txt: int, kept=None) -> Dict[str, float]:
+def flux_macs(model, n_img: int, n_txt: int, kept=None, heads=None, groups=None,
+              txt_groups=None) -> Dict[str, float]:
     """MACs of one FLUX forward of one sample (n_img image and n_txt text tokens), per part
     (`FLUX_PARTS`) plus "total".
 
@@ -445,64 +446,102 @@ def flux_macs(model, n_img: int, n_txt: int, kept=None) -> Dict[str, float]:
     block still computes every token's keys and values, and runs queries, the MLP part of
     linear1, the attention rows and linear2 for the text and kept image tokens. Routers:
     linear_t (D x 4D per sample) and the logit Dense on the image tokens.
+
+    TDW (`dynamic_width`): heads / groups per block (active counts of H, means allowed) and
+    txt_groups per double block; a gathered block computes q/k/v, attention and the
+    projections of its active heads only and the FFN columns of its active groups only (plus
+    the width routers, D x (H-1) each). None: every head and group.
     """
-    d, f = model.hidden_size, int(model.hidden_size * model.mlp_ratio)
     nd, ns = model.depth, model.depth_single_blocks
-    n, t = int(n_img), int(n_txt)
-    length = n + t
-    if kept is None:
-        kept_d, kept_s, routers = [n] * nd, [n] * ns, 0
-    else:
-        kept = [float(k) for k in np.asarray(kept).reshape(-1)]
-        if len(kept) != nd + ns:
+    if kept is not None:
+        kept = np.asarray(kept, np.float64).reshape(-1)
+        if kept.size != nd + ns:
             raise ValueError(f"kept needs one count per block ({nd} double + {ns} single), "
-                             f"got {len(kept)}")
-        kept_d, kept_s = kept[:nd], kept[nd:]
-        routers = (nd + ns) * (d * 4 * d + n * d)
-    embeddings = 256 * d + d * d
-    out = {
-        "embed": (n * model.in_channels * d + t * model.context_in_dim * d
-                  + embeddings * (2 if model.guidance_embed else 1)
-                  + model.vec_in_dim * d + d * d),
-        "modulation": nd * 2 * d * 6 * d + ns * d * 3 * d,
-        "double_qkv": nd * length * d * 3 * d,
-        "double_attention": nd * 2 * length * length * d,
-        "double_proj": nd * length * d * d,
-        "double_img_ffn": sum(kept_d) * 2 * d * f,
-        "double_txt_ffn": nd * t * 2 * d * f,
-        "single_kv": ns * length * d * 2 * d,
-        "single_q_mlp": sum(t + k for k in kept_s) * d * (d + f),
-        "single_attention": sum(2 * (t + k) * length * d for k in kept_s),
-        "single_linear2": sum(t + k for k in kept_s) * (d + f) * d,
-        "routers": routers,
-        "final": d * 2 * d + n * d * model.out_dim,
-    }
+                             f"got {kept.size}")
+    width = [heads, groups, txt_groups]
+    for i, (name, a, size) in enumerate(zip(("heads", "groups", "txt_groups"), width,
+                                            (nd + ns, nd + ns, nd))):
+        if a is not None:
+            a = np.asarray(a, np.float64).reshape(-1)
+            if a.size != size:
+                raise ValueError(f"{name} needs one count per block ({size}), got {a.size}")
+            width[i] = a
+    out = _flux_parts(model, n_img, n_txt, kept, *width, xp=np)
+    out = {name: float(np.sum(v)) for name, v in out.items()}
     out["total"] = sum(out[name] for name in FLUX_PARTS)
     return out
 
 
-def flux_macs_ratio(model, n_img: int, n_txt: int, kept) -> float:
-    """Dynamic over static `flux_macs` totals (kept: per block, per sample)."""
-    return (flux_macs(model, n_img, n_txt, kept)["total"]
+def _flux_parts(model, n_img, n_txt, kept, heads, groups, txt_groups, xp):
+    """`flux_macs`' parts, each an array over blocks (or a scalar), in numpy or jax.numpy:
+    the counts may be traced arrays (the DyFLUX objective differentiates through them)."""
+    d, f, h = model.hidden_size, int(model.hidden_size * model.mlp_ratio), model.num_heads
+    nd, ns = model.depth, model.depth_single_blocks
+    n, t = n_img, n_txt
+    length = n + t
+    routers = 0.0
+    if kept is None:
+        kept = xp.full((nd + ns,), float(n))
+    else:
+        routers = (nd + ns) * (d * 4 * d + n * d)
+    if heads is not None or groups is not None or txt_groups is not None:
+        routers = routers + (nd * 3 + ns * 2) * d * (h - 1)
+
+    def frac(a, size):          # active fraction per block (1 when absent)
+        return xp.ones((size,)) if a is None else a / h
+    fh, fg, ft = frac(heads, nd + ns), frac(groups, nd + ns), frac(txt_groups, nd)
+    kd, ks = kept[:nd], kept[nd:]
+    hd, hs, gd, gs = fh[:nd], fh[nd:], fg[:nd], fg[nd:]
+    embeddings = 256 * d + d * d
+    return {
+        "embed": (n * model.in_channels * d + t * model.context_in_dim * d
+                  + embeddings * (2 if model.guidance_embed else 1)
+                  + model.vec_in_dim * d + d * d),
+        "modulation": nd * 2 * d * 6 * d + ns * d * 3 * d,
+        "double_qkv": length * d * 3 * d * hd,
+        "double_attention": 2 * length * length * d * hd,
+        "double_proj": length * d * d * hd,
+        "double_img_ffn": kd * 2 * d * f * gd,
+        "double_txt_ffn": t * 2 * d * f * ft,
+        "single_kv": length * d * 2 * d * hs,
+        "single_q_mlp": (t + ks) * d * (d * hs + f * gs),
+        "single_attention": 2 * (t + ks) * length * d * hs,
+        "single_linear2": (t + ks) * (d * hs + f * gs) * d,
+        "routers": routers,
+        "final": d * 2 * d + n * d * model.out_dim,
+    }
+
+
+def flux_macs_ratio(model, n_img: int, n_txt: int, kept, heads=None, groups=None,
+                    txt_groups=None) -> float:
+    """Dynamic over static `flux_macs` totals (counts per block of one sample)."""
+    return (flux_macs(model, n_img, n_txt, kept, heads, groups, txt_groups)["total"]
             / flux_macs(model, n_img, n_txt)["total"])
 
 
 def flux_macs_ratio_fn(model, n_img: int, n_txt: int) -> Callable:
-    """ratio(kept [blocks, B]) -> [B]: `flux_macs_ratio` per sample as a traceable function of
-    the kept image-token counts (or soft mask sums), for the DyFLUX objective. `flux_macs`
-    is affine in the counts, so its value at 0 and its slope per block give it exactly."""
-    blocks = model.depth + model.depth_single_blocks
+    """ratio(kept [blocks, B], heads=None, groups=None, txt_groups=None) -> [B]:
+    `flux_macs_ratio` per sample as a traceable function of the counts (or soft mask sums;
+    heads / groups [blocks, B], txt_groups [depth, B]), for the DyFLUX objective."""
     static = flux_macs(model, n_img, n_txt)["total"]
-    base = flux_macs(model, n_img, n_txt, np.zeros(blocks))["total"]
-    slope = np.asarray([flux_macs(model, n_img, n_txt, np.eye(blocks)[b])["total"] - base
-                        for b in range(blocks)], np.float64)
 
-    def ratio(kept):
-        kept = jnp.asarray(kept, jnp.float32)
-        return base / static + jnp.einsum("k,kb->b", jnp.asarray(slope / static, jnp.float32),
-                                          kept)
+    def ratio(kept, heads=None, groups=None, txt_groups=None):
+        args = [None if a is None else jnp.asarray(a, jnp.float32)
+                for a in (kept, heads, groups, txt_groups)]
+        return _ratio_columns(model, n_img, n_txt, args) / static
 
     return ratio
+
+
+def _ratio_columns(model, n_img, n_txt, args):
+    """Total MACs per sample (column) of the per-block counts `args` (None = full)."""
+    def one(*cols):
+        it = iter(cols)
+        full = [None if a is None else next(it) for a in args]
+        return sum(jnp.sum(v) for v in _flux_parts(model, n_img, n_txt, *full,
+                                                   xp=jnp).values())
+    present = [a for a in args if a is not None]
+    return jax.vmap(one, in_axes=1)(*present)
 
 
 def jaxpr_macs(fn, *args, **kwargs) -> int:

@@ -21,7 +21,9 @@ kept fraction of image tokens over the routed blocks and the batch (token masks 
 Gumbel-sigmoid straight-through gates), and the target ramps from 1.0 to `dynamic.target`
 as DyDiT's FLOPs target does (`dydit_loss.flops_target`). The constraint is on kept tokens
 because that is what DyFLUX routes; the FLOPs ratio of the same masks (`flops.
-flux_macs_ratio_fn`) is reported as a metric.
+flux_macs_ratio_fn`) is reported as a metric. With TDW (`model.dynamic_width`) the width masks
+cut compute too, so the constraint is DyDiT's: 2 (flops_ratio - target)^2 on the MACs ratio of
+the token, head and group masks together (straight-through gradients reach every router).
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ def flux_inputs(model, batch):
         if key not in batch:
             raise ValueError(f"a FLUX batch needs 'image', 'txt' and 'vec'; it has "
                              f"{sorted(batch)} (captioned data: config.data.name="
-                             f"captioned_digits; or latent shards with text embeddings)")
+                             f"captioned_digits, caption_folder or tfds_captions; or latent "
+                             f"shards with text embeddings from config.mode=extract)")
     x = batch["image"]
     b, h, w, c = x.shape
     if 4 * c != model.in_channels:
@@ -118,13 +121,23 @@ def flux_loss_fn(model, fc, dc=None) -> Callable:
         kept = jnp.mean(aux["token_masks"].astype(jnp.float32), axis=2)     # [blocks, B]
         fraction = jnp.mean(kept)
         goal = flops_target(step, dc.target, dc.warmup_steps, dc.hold_steps)
-        l_tokens = 2.0 * jnp.square(fraction - goal)
-        # Token counts are static at trace time: the affine MACs map is built once per shape.
-        ratio = flux_macs_ratio_fn(model, n, txt.shape[1])(kept * n)
-        loss = flow + l_tokens
-        metrics = {"loss_dynamic": flow, "loss_tokens": l_tokens, "token_fraction": fraction,
-                   "token_target": goal, "flops_ratio": jnp.mean(ratio),
-                   "block_token_fraction": jnp.mean(kept, axis=1)}
+        width = {}
+        if model.dynamic_width:       # active heads / groups per block and sample
+            width = {name: jnp.sum(aux[f"{key}_masks"].astype(jnp.float32), axis=-1)
+                     for name, key in (("heads", "head"), ("groups", "group"),
+                                       ("txt_groups", "txt_group"))}
+        ratio = flux_macs_ratio_fn(model, n, txt.shape[1])(kept * n, **width)
+        metrics = {"loss_dynamic": flow, "token_fraction": fraction, "token_target": goal,
+                   "flops_ratio": jnp.mean(ratio), "block_token_fraction": jnp.mean(kept, axis=1)}
+        if model.dynamic_width:
+            l_target = 2.0 * jnp.square(jnp.mean(ratio) - goal)
+            metrics.update(loss_flops=l_target, head_fraction=jnp.mean(
+                width["heads"]) / model.num_heads, group_fraction=jnp.mean(
+                width["groups"]) / model.num_heads)
+        else:
+            l_target = 2.0 * jnp.square(fraction - goal)
+            metrics["loss_tokens"] = l_target
+        loss = flow + l_target
         if dc.stage == 1 or fc.distill > 0:
             v_all, _ = velocity(False)
             if dc.stage == 1:

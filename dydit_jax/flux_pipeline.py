@@ -37,7 +37,9 @@ class FluxPipeline:
     def __init__(self, flux, flux_variables, ae, ae_variables, t5: Optional[Tuple] = None,
                  clip: Optional[Tuple] = None, t5_max_length: int = 512,
                  clip_max_length: int = 77, mesh=None, rules=DEFAULT_RULES,
-                 engine: bool = False, text: Optional[TextEncoders] = None):
+                 engine: bool = False, text: Optional[TextEncoders] = None,
+                 engine_capacities: Optional[Sequence[float]] = None,
+                 engine_widths: Optional[Sequence[float]] = None):
         if text is None:
             if t5 is None or clip is None:
                 raise ValueError("pass the text encoders: t5=(module, variables, tokenizer) "
@@ -57,10 +59,12 @@ class FluxPipeline:
         self.engine = None
         if engine:
             from dydit_jax.engine.flux import FluxEngine
-            self.engine = FluxEngine(flux, flux_variables)
+            self.engine = FluxEngine(flux, flux_variables, engine_capacities,
+                                     width_grid=engine_widths, mesh=mesh)
         self._programs: Dict[tuple, object] = {}
         self._traces = 0          # sampling programs traced (= compiled) so far
         self.kept = []            # engine: kept image tokens [steps, blocks, rows] per call
+        self.widths = []          # engine with TDW: its gathered active counts per call
 
     @property
     def compile_count(self) -> int:
@@ -134,6 +138,8 @@ class FluxPipeline:
                                                 neg_txt=neg_txt, neg_txt_ids=txt_ids,
                                                 neg_vec=neg_vec)
                 self.kept.append(kept)
+                if self.engine.widths is not None:
+                    self.widths.append(self.engine.widths)
                 return decode_fn(ae_vars, img)
         self._programs[key] = fn
         return fn
@@ -148,7 +154,10 @@ class FluxPipeline:
         if not prompts:
             raise ValueError("no prompts given")
         txt, vec = self.encode_prompts(prompts)
-        neg_txt, neg_vec = self.encode_prompts([negative_prompt] * len(prompts))
+        # Without true CFG the program never reads the negative stream: pass the prompts'
+        # own arrays rather than encoding (and caching) a negative prompt nobody asked for.
+        neg_txt, neg_vec = (self.encode_prompts([negative_prompt] * len(prompts))
+                            if true_cfg != 1.0 else (txt, vec))
         lh, lw = self.latent_size(height, width)
         batch = len(prompts)
         txt_ids = np.zeros((batch, txt.shape[1], 3), np.float32)
@@ -242,16 +251,19 @@ def sample_to_folder(config, model, weights, out_dir: str, settings: dict) -> np
     if sc.engine == "static" and model.dynamic:
         raise ValueError("sample.engine=static is not offered for FLUX: sample the routed model "
                          "(masked) or the engine (gathered)")
-    if sc.vae_dir:
+    vae_dir = sc.vae_dir or config.evaluate.vae_dir
+    if vae_dir:
         from dydit_jax.convert_vae import load_flux_ae
-        ae, ae_vars = load_flux_ae(sc.vae_dir)
+        ae, ae_vars = load_flux_ae(vae_dir)
         factor = ae.downsample_factor
     else:
         ae, ae_vars, factor = PixelSpace(config.model.in_channels), {}, 1
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
     pipe = FluxPipeline(model, {"params": weights.params}, ae, ae_vars,
                         text=text_conditioning.from_config(config.text), mesh=mesh,
-                        rules=tuple(config.mesh.rules), engine=sc.engine == "gathered")
+                        rules=tuple(config.mesh.rules), engine=sc.engine == "gathered",
+                        engine_capacities=tuple(config.flux.capacities) or None,
+                        engine_widths=tuple(config.flux.width_grid) or None)
     todo = [p for p in prompts for _ in range(sc.per_class)]
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = -(-min(sc.batch_size, len(todo)) // shards) * shards
@@ -285,10 +297,18 @@ def sample_to_folder(config, model, weights, out_dir: str, settings: dict) -> np
             kept = np.concatenate([np.asarray(k) for k in pipe.kept], axis=2)
             n_img = (size // factor // 2) ** 2
             per_block = kept.mean(axis=(0, 2))
-            ratio = flops.flux_macs_ratio(model, n_img, config.text.t5_max_length, per_block)
+            width = {}
+            if pipe.widths:       # TDW: mean active counts per block over steps and calls
+                width = {name: np.concatenate([np.asarray(w[name]) for w in pipe.widths]
+                                              ).mean(axis=0) for name in pipe.widths[0]}
+            ratio = flops.flux_macs_ratio(model, n_img, config.text.t5_max_length, per_block,
+                                          **width)
+            widths = (f", heads {width['heads'].mean() / model.num_heads:.3f} and MLP groups "
+                      f"{width['groups'].mean() / model.num_heads:.3f} of full width"
+                      if width else "")
             print(f"engine: kept {kept.mean() / n_img:.3f} of the image tokens "
-                  f"(per block {np.round(per_block / n_img, 3).tolist()}), FLOPs ratio "
-                  f"{ratio:.3f} of the static model")
+                  f"(per block {np.round(per_block / n_img, 3).tolist()}){widths}, FLOPs "
+                  f"ratio {ratio:.3f} of the static model")
     return images
 
 

@@ -74,7 +74,7 @@ def load_weights(config, workdir: str, model) -> SamplingWeights:
                                step_name(step), step)
     name = os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
     from dydit_jax import convert
-    scanned = getattr(model, "scan_layers", False)   # FLUX keeps per-block params
+    scanned = getattr(model, "scan_layers", False)
     if os.path.isdir(os.path.join(source, "checkpoints")):   # another run's workdir: its EMA
         from dydit_jax.train import _latest_ema
         weights = SamplingWeights(convert.to_layout(_latest_ema(source), scanned), name)

@@ -6,7 +6,9 @@ Parameters are laid out by an ordered list of `(regex, rule)` pairs matched agai
 "a/b/c" path of each leaf; the first match wins:
 - "replicate": a full copy on every device;
 - "fsdp": the largest axis that the fsdp axis size divides is split over `fsdp` (replicated if
-  none is divisible, e.g. scalars and small biases).
+  none is divisible, e.g. scalars and small biases). The leading depth axis of a stacked
+  block tree (`scan_layers`: a path through one of `STACKED_BLOCKS`) is never split, so a
+  stacked leaf is split as each of its blocks would be.
 """
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
+
+# Block trees that `scan_layers` stacks on a leading depth axis: DiT's and Latte's blocks,
+# FLUX's two kinds (the per-block layout names them "blocks_{i}", ...; `convert.to_layout`).
+STACKED_BLOCKS = ("blocks", "double_blocks", "single_blocks")
 
 
 def create_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
@@ -57,10 +63,12 @@ def _path_str(path) -> str:
     return "/".join(parts)
 
 
-def _fsdp_spec(shape: Tuple[int, ...], fsdp_size: int) -> P:
+def _fsdp_spec(shape: Tuple[int, ...], fsdp_size: int, stacked: bool = False) -> P:
+    """Splits the largest divisible axis (not a stacked leaf's leading depth axis)."""
     if fsdp_size == 1:
         return P()
-    candidates = [i for i, d in enumerate(shape) if d % fsdp_size == 0 and d >= fsdp_size]
+    candidates = [i for i, d in enumerate(shape) if d % fsdp_size == 0 and d >= fsdp_size
+                  and not (stacked and i == 0)]
     if not candidates:
         return P()
     axis = max(candidates, key=lambda i: shape[i])
@@ -82,7 +90,8 @@ def tree_shardings(tree, mesh: Mesh, rules: Sequence[Tuple[str, str]]):
                 if rule == "replicate":
                     return NamedSharding(mesh, P())
                 if rule == "fsdp":
-                    return NamedSharding(mesh, _fsdp_spec(shape, fsdp_size))
+                    stacked = any(part in STACKED_BLOCKS for part in name.split("/"))
+                    return NamedSharding(mesh, _fsdp_spec(shape, fsdp_size, stacked))
                 raise ValueError(f"unknown sharding rule {rule!r} for pattern "
                                  f"{pattern.pattern!r}; use 'fsdp' or 'replicate'")
         raise ValueError(f"no sharding rule matches parameter {name!r}; end the rule list "

@@ -8,7 +8,10 @@
   truncated to the max lengths and, as BFL's `HFEmbedder`, run without attention masks.
 - Embeddings are cached per prompt (`cache`, in memory; `save_cache` / `load_cache` write and
   read an .npz): a run that repeats prompts encodes each once, and training on a captioned set
-  (`BatchConditioner`) encodes each distinct caption once, on the host, not per step.
+  (`BatchConditioner`) encodes each distinct caption once, on the host, not per step. `embed`
+  runs the encoders without the cache in batches of one shape (mode=extract stores the
+  embeddings of every example with its latent; `EmbeddingDropout` is the caption dropout of
+  training on them).
 - `from_config(config.text)` builds them: `encoders="hf"` reads transformers folders
   (`t5_dir`, `clip_dir`: config.json, model.safetensors or its shards, tokenizer.json);
   `encoders="local"` builds the digits demo's: a small T5 v1.1 encoder and CLIP text model
@@ -76,13 +79,32 @@ class TextEncoders:
         """(txt [B, t5_max_length, d_t5], vec [B, d_clip]) float32 for `prompts`."""
         todo = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if todo:
-            (_, t5_vars, t5_tok), (_, clip_vars, clip_tok) = self.t5, self.clip
-            txt = self._encoders[0](t5_vars, tokenize(t5_tok, todo, self.t5_max_length))
-            vec = self._encoders[1](clip_vars, tokenize(clip_tok, todo, self.clip_max_length))
+            txt, vec = self.embed(todo)
             for i, p in enumerate(todo):
-                self.cache[p] = (np.asarray(txt[i], np.float32), np.asarray(vec[i], np.float32))
+                self.cache[p] = (txt[i], vec[i])
         txt, vec = zip(*(self.cache[p] for p in prompts))
         return np.stack(txt), np.stack(vec)
+
+    def embed(self, prompts: Sequence[str], batch_size: int = 0
+              ) -> Tuple[np.ndarray, np.ndarray]:
+        """`encode` without the cache: the encoders run now on `prompts`, in calls of
+        `batch_size` prompts (the last padded with empty prompts, so that every call has one
+        shape and compiles once; 0: one call of all)."""
+        (_, t5_vars, t5_tok), (_, clip_vars, clip_tok) = self.t5, self.clip
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts to embed")
+        size = batch_size or len(prompts)
+        txt, vec = [], []
+        for start in range(0, len(prompts), size):
+            chunk = prompts[start:start + size]
+            chunk += [""] * (size - len(chunk))
+            txt.append(np.asarray(self._encoders[0](
+                t5_vars, tokenize(t5_tok, chunk, self.t5_max_length)), np.float32))
+            vec.append(np.asarray(self._encoders[1](
+                clip_vars, tokenize(clip_tok, chunk, self.clip_max_length)), np.float32))
+        n = len(prompts)
+        return np.concatenate(txt)[:n], np.concatenate(vec)[:n]
 
     def save_cache(self, path) -> None:
         prompts = sorted(self.cache)
@@ -94,6 +116,12 @@ class TextEncoders:
         with np.load(path, allow_pickle=True) as f:
             for p, t, v in zip(f["prompts"], f["txt"], f["vec"]):
                 self.cache[str(p)] = (t, v)
+
+
+def dropout_rows(n: int, dropout: float, seed: int, step: int) -> np.ndarray:
+    """bool [n]: which rows of training step `step`'s batch become the empty prompt, each with
+    probability `dropout`, drawn from (seed, step) alone (a resumed run drops the same)."""
+    return np.random.default_rng([seed, int(step)]).random(n) < dropout
 
 
 class BatchConditioner:
@@ -118,11 +146,48 @@ class BatchConditioner:
                              "config.mode=extract)")
         ids = np.asarray(batch["caption"])
         if self.dropout:
-            rng = np.random.default_rng([self.seed, int(step)])
-            ids = np.where(rng.random(len(ids)) < self.dropout, len(self.txt) - 1, ids)
+            drop = dropout_rows(len(ids), self.dropout, self.seed, step)
+            ids = np.where(drop, len(self.txt) - 1, ids)
         out = {k: v for k, v in batch.items() if k != "caption"}
         out.update(txt=self.txt[ids], vec=self.vec[ids])
         return out
+
+
+class EmbeddingDropout:
+    """Caption dropout for batches that carry their "txt" / "vec" already (latent shards of
+    `config.mode=extract`): a row becomes the empty prompt's embeddings (`empty`: (txt [L,
+    d_t5], vec [d_clip]), stored by the extractor) with probability `dropout`, drawn as
+    `BatchConditioner` draws (`dropout_rows`)."""
+
+    def __init__(self, empty: Tuple[np.ndarray, np.ndarray], dropout: float, seed: int = 0):
+        if not 0.0 < dropout < 1.0:
+            raise ValueError(f"config.text.dropout must be in (0, 1) here, got {dropout}")
+        self.empty_txt, self.empty_vec = (np.asarray(a, np.float32) for a in empty)
+        self.dropout, self.seed = dropout, seed
+
+    def __call__(self, batch: Mapping[str, np.ndarray], step: int) -> Dict[str, np.ndarray]:
+        if "txt" not in batch or "vec" not in batch:
+            raise ValueError(f"EmbeddingDropout needs batches with 'txt' and 'vec', got "
+                             f"{sorted(batch)}")
+        if batch["txt"].shape[1:] != self.empty_txt.shape:
+            raise ValueError(f"the empty prompt's txt {self.empty_txt.shape} does not match "
+                             f"the batch's {batch['txt'].shape[1:]}")
+        drop = dropout_rows(len(batch["txt"]), self.dropout, self.seed, step)
+        out = dict(batch)
+        out["txt"] = np.where(drop[:, None, None], self.empty_txt, batch["txt"])
+        out["vec"] = np.where(drop[:, None], self.empty_vec, batch["vec"])
+        return out
+
+
+def text_settings(tc) -> Dict:
+    """What fixes the embeddings of `config.text` (`tc`), JSON-able: recorded by mode=extract
+    next to the embeddings it stores, and compared when a run trains on them."""
+    keys = ["encoders", "t5_max_length", "clip_max_length"]
+    keys += ["width", "layers", "heads", "seed"] if tc.encoders == "local" else []
+    out = {k: tc[k] for k in keys}
+    if tc.encoders == "hf":
+        out.update(t5_dir=os.path.abspath(tc.t5_dir), clip_dir=os.path.abspath(tc.clip_dir))
+    return out
 
 
 def local_encoders(tc, words: Sequence[str]) -> TextEncoders:

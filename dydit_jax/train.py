@@ -412,16 +412,44 @@ def run_status(start_step: int, num_steps: int, workdir: str) -> str:
 
 
 def text_conditioner(config, source):
-    """For a text-conditioned family on captioned data: the host-side step that adds the
-    captions' T5 / CLIP embeddings to each batch (`text_conditioning.BatchConditioner`);
-    None otherwise (class labels, or shards that carry the embeddings)."""
-    from dydit_jax import families
-    if not families.family_of(config).text or not hasattr(source, "captions"):
+    """For a text-conditioned family, the host-side step before each train step: on captioned
+    data the one that adds the captions' T5 / CLIP embeddings (`text_conditioning.
+    BatchConditioner`); on latent shards that carry them (mode=extract) the caption dropout
+    to the stored empty prompt (`EmbeddingDropout`, None without dropout). None for class
+    labels. Shards without text, or made by other text encoders than `config.text`'s (which
+    encode the prompts at sampling time), are refused."""
+    from dydit_jax import families, text_conditioning
+    if not families.family_of(config).text:
         return None
-    from dydit_jax import text_conditioning
-    encoders = text_conditioning.from_config(config.text)
-    return text_conditioning.BatchConditioner(encoders, source.captions,
-                                              dropout=config.text.dropout, seed=config.seed)
+    if hasattr(source, "captions"):
+        encoders = text_conditioning.from_config(config.text)
+        return text_conditioning.BatchConditioner(encoders, source.captions,
+                                                  dropout=config.text.dropout, seed=config.seed)
+    where = f"config.data.name={config.data.name}" + (
+        f", data.path={config.data.path}" if config.data.name == "latents" else "")
+    if not getattr(source, "has_text", False):
+        raise ValueError(f"a text-to-image model trains on captioned images or on latent shards "
+                         f"with text embeddings ('txt', 'vec'), and {where} has neither: "
+                         f"re-extract the shards with the text family's config "
+                         f"(--config.mode=extract with data.name=captioned_digits, "
+                         f"caption_folder or tfds_captions; dydit_jax/extract_latents.py)")
+    recorded = source.text_settings
+    if recorded is not None:
+        want = text_conditioning.text_settings(config.text)
+        differ = sorted(k for k in set(want) | set(recorded) if recorded.get(k) != want.get(k))
+        if differ:
+            raise ValueError(f"{where}: the shards' text embeddings come from config.text "
+                             f"{ {k: recorded.get(k) for k in differ} }, this run's config.text "
+                             f"has { {k: want.get(k) for k in differ} }: set them alike (the "
+                             f"prompts sampled after training go through config.text)")
+    if not config.text.dropout:
+        return None
+    if source.empty_prompt is None:
+        raise ValueError(f"{where}: config.text.dropout={config.text.dropout} replaces captions "
+                         f"by the empty prompt, whose embeddings the shards lack (no "
+                         f"empty_prompt.npz): set config.text.dropout=0 or re-extract them")
+    return text_conditioning.EmbeddingDropout(source.empty_prompt, config.text.dropout,
+                                              seed=config.seed)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:

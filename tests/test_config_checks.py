@@ -95,6 +95,9 @@ BAD_VALUES = [
     ("flux_digits", {"model.axes_dim": (2, 2, 2)}, "model.axes_dim"),
     ("flux_digits", {"text.encoders": "openai"}, "text.encoders"),
     ("flux_digits", {"text.dropout": 1.0}, "text.dropout"),
+    ("flux_digits", {"flux.tdw": True}, "flux.tdw"),             # TDW without DyFLUX
+    ("flux_digits", {"flux.capacities": (0.5, 1.5)}, "flux.capacities"),
+    ("flux_digits", {"mode": "sample", "model.in_channels": 16}, "sample.vae_dir"),
     ("flux_digits", {"data.name": "digits"}, "data.name"),       # FLUX needs captions
     ("digits", {"data.name": "captioned_digits"}, "data.name"),  # a DiT takes no captions
 ]

@@ -130,7 +130,9 @@ def test_cli_end_to_end(tmp_path, state_dict):
     assert_same_tree(load_params(str(tmp_path / "ck"), target=params), params)
 
 
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+# The static case is slow-marked: the dynamic one runs the same CLI path with the routers too.
+@pytest.mark.parametrize("dynamic", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["static", "dynamic"])
 def test_cli_converts_sit_checkpoints(tmp_path, capsys, dynamic):
     """`--model SiT-S/8` (with `--dynamic`: a DyDiT checkpoint, routers included) builds a SiT;
     the written params give it the outputs of `from_pytorch` into that SiT."""

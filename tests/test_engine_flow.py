@@ -348,6 +348,8 @@ def test_flow_engine_compiles_once_whatever_the_number_of_times(sit, transport):
 # 8 simulated devices
 # ----------------------------------------------------------------------------------------------
 
+# slow: the DiT engine's 8-device test covers the shard_map path SiT shares.
+@pytest.mark.slow
 def test_flow_engine_on_a_mesh_of_8_devices(sit, transport, tmp_path):
     """Batch split over 8 devices: SDE (Heun) samples equal the masked sampler's on 1 device
     (fixed grid: 1e-5); the adaptive engine (dopri5, doubled CFG state) on the mesh: its model

@@ -136,6 +136,8 @@ def test_resume_samples_only_the_missing_chunk(workdir, stand_in, tmp_path):
         evaluate.evaluate_from_workdir(config, str(workdir), feature_model=stand_in)
 
 
+# slow: tests/test_sampling.py holds sharded sampling to one device.
+@pytest.mark.slow
 def test_sharded_sampling_equals_one_device(tmp_path):
     """8 simulated devices (batch split 8 ways) write the same chunk as one device."""
     code = f"""

@@ -42,14 +42,16 @@ def test_engine_equals_the_masked_release_model(released, capacities):
 
 
 def calibrated(keep: float, seed: int = 0, depth=2, single=3, hidden=64, heads=4,
-               n_img=64, n_txt=16, batch=2):
+               n_img=64, n_txt=16, batch=2, dynamic_width=False):
     """A random DyFLUX whose router biases keep about `keep` of the image tokens per block:
     each block's threshold is the midpoint between two consecutive sorted logits of the given
     inputs near the (1 - keep) quantile (so no logit sits within float error of the
-    threshold and both paths route alike)."""
+    threshold and both paths route alike). `dynamic_width`: with TDW routers of bias 0 (about
+    half the heads and groups on, differently per t)."""
     model = FLUX(in_channels=16, vec_in_dim=24, context_in_dim=20, hidden_size=hidden,
                  num_heads=heads, depth=depth, depth_single_blocks=single,
-                 axes_dim=(4, 6, 6), dynamic=True)
+                 axes_dim=(4, 6, 6), dynamic=True, dynamic_width=dynamic_width,
+                 width_bias_init=0.0)
     rng = np.random.default_rng(seed)
     side = int(np.sqrt(n_img)) * 2
     inputs = (rng.standard_normal((batch, n_img, 16)).astype(np.float32),
@@ -81,6 +83,10 @@ def test_engine_equals_masked_on_a_half_kept_model():
     out, kept = eng.forward(*inputs)
     np.testing.assert_allclose(out, masked, **TOL)
     np.testing.assert_array_equal(kept, np.asarray(aux["token_masks"]).sum(axis=2))
+    # 6 rows (> engine.flux.PER_SAMPLE_MAX_ROWS): single blocks share one capacity bucket.
+    big = tuple(np.concatenate([a] * 3) for a in inputs)
+    big_masked, big_aux = model.apply(variables, *big)
+    np.testing.assert_allclose(eng.forward(*big)[0], big_masked, **TOL)
     # The counter: fewer MACs than the static model, the routers counted.
     per_sample = np.asarray(kept).mean(axis=1)
     r = flops.flux_macs_ratio(model, 64, 16, per_sample)

@@ -97,6 +97,8 @@ def test_engine_pipeline_equals_the_masked_one():
     assert np.abs(a - b).max() <= 1          # float rounding may cross a uint8 boundary
 
 
+# slow: tests/test_flux.py (forward, sampler) and tests/test_flux_tdw.py (engine) run FLUX on 8 devices.
+@pytest.mark.slow
 def test_sharded_pipeline_equals_one_device():
     code = """
 import jax, numpy as np

@@ -191,11 +191,15 @@ def test_main_trains_samples_prompts_and_fine_tunes_dyflux(tmp_path, capsys):
     tuned = _tiny_config(f"lam=0.5,init={base}")
     tuned.train.update(num_steps=3)
     tuned.dynamic.update(hold_steps=0, warmup_steps=2)
+    tuned.flux.tdw = True           # TDW as well: the static checkpoint has no width routers
     tuned.sample.engine = "gathered"
+    tuned.flux.update(capacities=(0.5,), width_grid=(0.5,))     # fewer branches to compile
     main.run(tuned, str(tmp_path / "dyflux"))
     rows = [json.loads(line) for line in open(tmp_path / "dyflux" / "metrics.jsonl")]
-    assert {"token_fraction", "loss_tokens", "loss_complete", "flops_ratio"} <= set(rows[-1])
+    assert {"token_fraction", "loss_flops", "loss_complete", "flops_ratio",
+            "head_fraction", "group_fraction"} <= set(rows[-1])
     assert rows[-1]["token_target"] == pytest.approx(0.5)
+    out = capsys.readouterr().out
+    assert "engine: kept" in out and "MLP groups" in out     # the engine's TDW report
     folder = next((tmp_path / "dyflux" / "samples").iterdir())
     assert folder.name.endswith("gathered") and (folder / "grid.png").exists()
-    assert "engine: kept" in capsys.readouterr().out

@@ -211,6 +211,8 @@ def test_engine_unconditional_spatial_only_tokens_ddim(latte):
     np.testing.assert_allclose(eng.sample(jax.random.PRNGKey(3), labels), ref, **TOL)
 
 
+# slow: the DiT engine's 8-device test covers the shard_map path Latte shares.
+@pytest.mark.slow
 def test_engine_latte_on_a_mesh_of_8_devices(masked_ddpm10, tmp_path):
     np.save(tmp_path / "ref.npy", masked_ddpm10)
     code = f"""

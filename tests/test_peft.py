@@ -347,6 +347,8 @@ def test_peft_run_saves_only_the_trainable_tree_resumes_exactly_and_checks_its_b
         main._run_mode(wrong, str(ref))
 
 
+# slow: tests/test_train.py holds the sharded step to one device.
+@pytest.mark.slow
 def test_sharded_peft_step_equals_one_device():
     code = """
 import jax, numpy as np, optax

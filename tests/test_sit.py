@@ -100,6 +100,8 @@ def test_intermediates_match_reference(model_and_vars, io):
     np.testing.assert_allclose(inter["final_layer"]["__call__"][0], io["final_tokens"], **TOL)
 
 
+# slow: the float32 parity tests stay; DiT's float64 test covers the shared blocks.
+@pytest.mark.slow
 def test_float64_matches_reference():
     # x64 is process-global, so this runs in its own interpreter. Model outputs are compared
     # with the reference's float64 outputs. For losses and ODE runs the reference recorded only

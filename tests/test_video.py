@@ -136,24 +136,44 @@ def test_latte_digits_trains_and_samples_clips(tmp_path):
 
     # `:lam=0.5` fine-tunes that run as a dynamic Latte (routers, reordering, the DyDiT
     # objective with the clip's per-block constants) and samples it with the engine: the same
-    # clips as the masked path (uint8, same rng and labels). `:lam=0.5,peft=tdlora` is the
-    # DyDiT++ PEFT recipe on the same run (base frozen, TD-LoRA adapters and routers trained;
-    # the engine merges the adapters per step).
-    arg = f"steps=2,batch=4,frames=4,size=16,scale=1,lam=0.5,init={tmp_path},warmup=1"
-    for extra, workdir in (("", "dydit"), (",peft=tdlora", "tdlora")):
-        d = load_config("latte_digits", arg + extra)
-        assert d.peft.method == ("tdlora" if extra else "none")
-        d.model.update(hidden_size=32, depth=2, num_heads=2)
-        d.dynamic.update(hold_steps=0)
-        d.train.update(log_every=1, checkpoint_every=2, async_checkpointing=False)
-        d.sample.update(num_steps=3, per_class=1, classes=(0, 1, 2))
-        config_lib.validate(d)
-        masked = main._run_mode(d, str(tmp_path / workdir))
-        d.mode, d.sample.engine = "sample", "gathered"
-        gathered = main._run_mode(d, str(tmp_path / workdir))
-        np.testing.assert_allclose(gathered, masked, atol=1e-5, rtol=1e-5)
+    # clips as the masked path (uint8, same rng and labels).
+    fine_tune_and_compare(tmp_path, "", "dydit")
     import json
     logged = [json.loads(line) for line in open(tmp_path / "dydit" / "metrics.jsonl")]
     assert any("flops_ratio" in r for r in logged)
     with pytest.raises(config_lib.ConfigError, match="lam=0.5,peft=tdlora"):
         load_config("latte_digits", "peft=lora")
+
+
+# slow: tests/test_latte_dynamic.py holds the TD-LoRA Latte engine to the masked path, and
+# tests/test_peft.py runs the TD-LoRA recipe through main.
+@pytest.mark.slow
+def test_latte_digits_tdlora_recipe(tmp_path):
+    """`:lam=0.5,peft=tdlora` is the DyDiT++ PEFT recipe on a digits Latte run (base frozen,
+    TD-LoRA adapters and routers trained; the engine merges the adapters per step)."""
+    from dydit_jax import main
+    c = load_config("latte_digits",
+                    "steps=2,batch=4,frames=4,size=16,scale=1,image_steps=1,image_batch=4")
+    c.model.update(hidden_size=32, depth=2, num_heads=2)
+    c.train.update(checkpoint_every=2, async_checkpointing=False)
+    c.sample.update(num_steps=2, per_class=1, classes=(0,))
+    main._run_mode(c, str(tmp_path))
+    fine_tune_and_compare(tmp_path, ",peft=tdlora", "tdlora")
+
+
+def fine_tune_and_compare(base, extra: str, workdir: str):
+    """Fine-tunes the digits Latte of `base` with `:lam=0.5` + extra, samples it masked and
+    with the engine, and holds them equal."""
+    from dydit_jax import main
+    arg = f"steps=2,batch=4,frames=4,size=16,scale=1,lam=0.5,init={base},warmup=1"
+    d = load_config("latte_digits", arg + extra)
+    assert d.peft.method == ("tdlora" if extra else "none")
+    d.model.update(hidden_size=32, depth=2, num_heads=2)
+    d.dynamic.update(hold_steps=0)
+    d.train.update(log_every=1, checkpoint_every=2, async_checkpointing=False)
+    d.sample.update(num_steps=3, per_class=1, classes=(0, 1, 2))
+    config_lib.validate(d)
+    masked = main._run_mode(d, str(base / workdir))
+    d.mode, d.sample.engine = "sample", "gathered"
+    gathered = main._run_mode(d, str(base / workdir))
+    np.testing.assert_allclose(gathered, masked, atol=1e-5, rtol=1e-5)

@@ -11,13 +11,16 @@ Usage::
 
 ``config.data.name`` picks the source: "digits" (sklearn 8x8 digits upsampled),
 "captioned_digits" (the same with a caption each, for text-to-image),
+"caption_folder" / "tfds_captions" (image-caption sets: a folder of images with same-stem
+``.txt`` captions, or a tfds dataset with an image and a text feature),
 "moving_digits" (videos of those digits bouncing on a canvas, [b, F, H, W, C]),
 "imagenet" (tfds random access + DiT center crop), "ucf101" (tfds-prepared UCF-101
 clips, [b, F, S, S, 3]), "video_folder" (clips of the video files in a folder, by
 class subfolder), "latents" (pre-extracted VAE latents in ``.npz`` shards, images or
-clips, see :func:`write_latent_shards`) or "synthetic" (random data for benchmarks).
-Common keys: ``image_size``, ``seed``, ``shuffle``. See :mod:`dydit_jax.data.base`
-for the ordering / sharding / resume model and each module's docstring for its keys.
+clips, with T5 / CLIP embeddings for text-to-image; :mod:`~dydit_jax.data.latents`) or
+"synthetic" (random data for benchmarks). Common keys: ``image_size``, ``seed``,
+``shuffle``. See :mod:`dydit_jax.data.base` for the ordering / sharding / resume model and
+each module's docstring for its keys.
 """
 from __future__ import annotations
 
@@ -27,9 +30,11 @@ from dydit_jax.data.base import DataSource, EpochSampler
 from dydit_jax.data.latents import LatentShards, write_latent_shards
 from dydit_jax.data.transforms import center_crop_arr
 
-SOURCES = ("digits", "captioned_digits", "moving_digits", "imagenet", "ucf101", "video_folder",
-           "latents", "synthetic")
+SOURCES = ("digits", "captioned_digits", "caption_folder", "tfds_captions", "moving_digits",
+           "imagenet", "ucf101", "video_folder", "latents", "synthetic")
 VIDEO_SOURCES = ("moving_digits", "ucf101", "video_folder")   # batches [b, F, H, W, C]
+# Batches with "caption" indices into `source.captions` (text-to-image).
+CAPTION_SOURCES = ("captioned_digits", "caption_folder", "tfds_captions")
 
 
 def create_source(
@@ -54,6 +59,14 @@ def create_source(
         from dydit_jax.data.captioned_digits import CaptionedDigitsSource
 
         return CaptionedDigitsSource(config, **kwargs)
+    if name == "caption_folder":
+        from dydit_jax.data.captions import CaptionFolderSource
+
+        return CaptionFolderSource(config, **kwargs)
+    if name == "tfds_captions":
+        from dydit_jax.data.captions import TfdsCaptionsSource
+
+        return TfdsCaptionsSource(config, **kwargs)
     if name == "moving_digits":
         from dydit_jax.data.moving_digits import MovingDigitsSource
 
@@ -82,6 +95,7 @@ def create_source(
 
 
 __all__ = [
+    "CAPTION_SOURCES",
     "SOURCES",
     "VIDEO_SOURCES",
     "DataSource",

@@ -12,10 +12,11 @@ so the same image always gets the same caption. Every word any caption uses is i
 from which the demo's word-level tokenizer is built (`text_conditioning.word_tokenizer`).
 
 Batches: {"image": float32 [b, S, S, C] in [-1, 1] (as `digits`), "label": int32 [b] (the
-digit), "caption": int32 [b] (an index into `source.captions`)}. The text embeddings of the
-captions are added on the host by `text_conditioning.BatchConditioner` (train.py), once per
-distinct caption. Keys of ``config.data``: those of `digits` (image_size, channels, resize,
-seed, shuffle; no flips: a mirrored digit would contradict its caption).
+digit), "caption": int32 [b] (an index into `source.captions`; `source.caption_ids` [N]
+holds every example's)}. The text embeddings of the captions are added on the host by
+`text_conditioning.BatchConditioner` (train.py), once per distinct caption. Keys of
+``config.data``: those of `digits` (image_size, channels, resize, seed, shuffle; no flips: a
+mirrored digit would contradict its caption).
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ class CaptionedDigitsSource(base.DataSource):
         texts = digit_captions()
         self.captions = sorted(set(texts))
         index = {c: i for i, c in enumerate(self.captions)}
-        self._caption_ids = np.asarray([index[c] for c in texts], np.int32)
+        self.caption_ids = np.asarray([index[c] for c in texts], np.int32)
         self.image_shape = (image_size, image_size, channels)
         self.num_classes = NUM_CLASSES
         self.sampler = base.EpochSampler(
@@ -104,4 +105,4 @@ class CaptionedDigitsSource(base.DataSource):
 
     def _load_batch(self, indices, epoch, seed):
         return {"image": self._images[indices], "label": self._labels[indices],
-                "caption": self._caption_ids[indices]}
+                "caption": self.caption_ids[indices]}

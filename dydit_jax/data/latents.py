@@ -1,26 +1,41 @@
-"""Pre-extracted VAE latents stored as ``.npz`` shards.
+"""Pre-extracted VAE latents stored as ``.npz`` shards, with T5 / CLIP embeddings for
+text-to-image.
 
-On-disk format (``FORMAT``, written by :func:`write_latent_shards`)::
+On-disk format (``FORMAT``, written by :func:`write_latent_shards` and by mode=extract,
+`dydit_jax.extract_latents`)::
 
     <path>/latents-00000.npz   np.savez (uncompressed) with
                                  latents: float32 [n, h, w, c]  (NHWC; c = 4 for SD VAEs),
                                           or [n, F, h, w, c] for clips of F frames
                                  labels:  int32   [n]
+                               text-to-image shards (mode=extract with a text family, FLUX;
+                               a pixel-space FLUX's "latents" are its pixels) also hold:
+                                 txt:      float32 [n, L, d_t5]  T5 sequence embeddings
+                                 vec:      float32 [n, d_clip]   pooled CLIP embeddings
+                                 captions: str     [n]           the captions (not read)
     <path>/latents-00001.npz   ... all shards hold `shard_size` examples but the last
+    <path>/empty_prompt.npz    text-to-image only: txt [L, d_t5] and vec [d_clip] of the
+                               empty prompt (caption dropout, `text_conditioning.EmbeddingDropout`)
     <path>/meta.json           {"format": "dydit-latents-v1", "num_examples": N,
                                 "shape": [h, w, c] or [F, h, w, c], "dtype": "float32",
                                 "shards": [{"file": "latents-00000.npz", "num_examples": n}, ...],
-                                "metadata": {...}}   # free-form, e.g. vae name, scale_factor
+                                "metadata": {...}}   # free-form, e.g. vae name, scale_factor;
+                                                     # "text": {"settings": config.text's
+                                                     # (text_conditioning.text_settings),
+                                                     # "context_in_dim", "vec_in_dim", ...}
 
 The stored values are exactly what training consumes: the extractor must store
 *scaled* latents (e.g. ``vae.encode(x).sample() * 0.18215``) and may record the
 factor in ``metadata``. ``meta.json`` is written last, so its presence marks a
 complete dataset; without it the reader falls back to all ``*.npz`` files in the
-directory, in sorted order (handy for shards written by other tools).
+directory but ``empty_prompt.npz``, in sorted order (handy for shards written by other tools).
 
-Reading memory-maps each shard's ``latents`` member (uncompressed npz members are
-contiguous ``.npy`` data inside the zip), so only the rows of each batch are read;
-compressed shards (``np.savez_compressed``) also work but are loaded whole.
+Reading memory-maps each shard's ``latents`` (and ``txt`` / ``vec``) member (uncompressed npz
+members are contiguous ``.npy`` data inside the zip), so only the rows of each batch are read;
+compressed shards (``np.savez_compressed``) also work but are loaded whole. Batches are
+{"image", "label"}, plus "txt" and "vec" when the shards hold them (a text-to-image model
+trains on those as they are, `train.text_conditioner`). The text arrays are optional and
+either in every shard or in none, so image-only datasets read as before.
 
 Config keys: ``path`` (required), ``latent_flip`` (default False: flip the W axis
 per example, every frame of a clip alike, keyed by seed/epoch/index),
@@ -43,6 +58,8 @@ from dydit_jax.data import base
 FORMAT = "dydit-latents-v1"
 META_FILE = "meta.json"
 SHARD_PATTERN = "latents-{:05d}.npz"
+EMPTY_PROMPT_FILE = "empty_prompt.npz"
+TEXT_ARRAYS = ("txt", "vec")   # per-example text embeddings of text-to-image shards
 
 
 # --------------------------------------------------------------------------- writing
@@ -188,6 +205,22 @@ def _npz_member_info(path: str, member: str):
     return shape, dtype, info.header_offset + 30 + name_len + extra_len + header_len
 
 
+def _npz_members(path: str) -> set:
+    """The array names of an npz file ("latents", "labels", ...)."""
+    with zipfile.ZipFile(path) as zf:
+        return {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+
+
+def _open_member(path: str, member: str):
+    """(array, shape, dtype) of ``member``: a memmap when it is stored uncompressed, else the
+    array loaded."""
+    shape, dtype, offset = _npz_member_info(path, member)
+    if offset is not None:
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset), shape, dtype
+    with np.load(path) as z:
+        return np.asarray(z[member]), shape, dtype
+
+
 class LatentShards:
     """Random access to a latent dataset directory (validated on open)."""
 
@@ -210,17 +243,19 @@ class LatentShards:
                 if not os.path.exists(os.path.join(path, f)):
                     raise FileNotFoundError(f"{meta_path} lists shard {f!r}, missing in {path}")
         else:
-            files = sorted(f for f in os.listdir(path) if f.endswith(".npz"))
+            files = sorted(f for f in os.listdir(path)
+                           if f.endswith(".npz") and f != EMPTY_PROMPT_FILE)
         if not files:
             raise FileNotFoundError(f"no .npz latent shards in {path!r}")
 
         self._latents: list[np.ndarray] = []
+        self._text: dict[str, list[np.ndarray]] = {k: [] for k in TEXT_ARRAYS}
         labels = []
         counts = []
         shape = None
         for i, name in enumerate(files):
             fp = os.path.join(path, name)
-            lshape, ldtype, offset = _npz_member_info(fp, "latents")
+            lat, lshape, ldtype = _open_member(fp, "latents")
             bshape, bdtype, _ = _npz_member_info(fp, "labels")
             if len(lshape) not in (4, 5):
                 raise ValueError(f"latent shard {fp}: latents must be [n, h, w, c] or clips "
@@ -245,11 +280,7 @@ class LatentShards:
                     raise ValueError(
                         f"latent shard {fp} holds {lshape[0]} examples, meta.json says {want}"
                     )
-            if offset is not None:
-                lat = np.memmap(fp, dtype=ldtype, mode="r", shape=lshape, offset=offset)
-            else:
-                with np.load(fp) as z:
-                    lat = np.asarray(z["latents"])
+            self._read_text(fp, i == 0, lshape[0], files[0])
             with np.load(fp) as z:
                 labels.append(np.asarray(z["labels"]).astype(np.int32))
             self._latents.append(lat)
@@ -257,26 +288,75 @@ class LatentShards:
         if self.meta and self.meta.get("shape") and tuple(self.meta["shape"]) != shape:
             raise ValueError(f"{meta_path}: shape {self.meta['shape']} != shards' {shape}")
         self.shape: tuple[int, ...] = shape   # [h, w, c] or [F, h, w, c]
+        self.has_text = bool(self._text["txt"])
+        # (txt [L, d_t5], vec [d_clip]) of the empty prompt, when the extractor stored it.
+        self.empty_prompt: tuple[np.ndarray, np.ndarray] | None = None
+        empty = os.path.join(path, EMPTY_PROMPT_FILE)
+        if self.has_text and os.path.exists(empty):
+            with np.load(empty) as z:
+                self.empty_prompt = (np.asarray(z["txt"], np.float32),
+                                     np.asarray(z["vec"], np.float32))
+            if (self.empty_prompt[0].shape != self.text_shape[0]
+                    or self.empty_prompt[1].shape != self.text_shape[1]):
+                raise ValueError(f"{empty}: txt {self.empty_prompt[0].shape} / vec "
+                                 f"{self.empty_prompt[1].shape} do not match the shards' "
+                                 f"{self.text_shape}")
         self.labels = np.concatenate(labels)
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.files = files
 
+    def _read_text(self, fp: str, first: bool, n: int, first_name: str) -> None:
+        """Opens shard ``fp``'s txt / vec (checked against the first shard's), if any."""
+        have = _npz_members(fp) & set(TEXT_ARRAYS)
+        if have and have != set(TEXT_ARRAYS):
+            raise ValueError(f"latent shard {fp} has {sorted(have)} but not "
+                             f"{sorted(set(TEXT_ARRAYS) - have)}: text shards hold both")
+        if not first and bool(have) != bool(self._text["txt"]):
+            raise ValueError(f"latent shard {fp} {'has' if have else 'lacks'} text embeddings "
+                             f"(txt, vec) but {first_name} {'lacks' if have else 'has'} them: "
+                             f"every shard holds them or none does")
+        if not have:
+            return
+        (txt, tshape, _), (vec, vshape, _) = (_open_member(fp, k) for k in TEXT_ARRAYS)
+        if len(tshape) != 3 or len(vshape) != 2 or tshape[0] != n or vshape[0] != n:
+            raise ValueError(f"latent shard {fp}: txt {tshape} / vec {vshape} must be "
+                             f"[{n}, L, d_t5] / [{n}, d_clip] for its {n} latents")
+        if not first and (tuple(tshape[1:]), tuple(vshape[1:])) != self.text_shape:
+            raise ValueError(f"latent shard {fp}: txt {tshape} / vec {vshape} per example "
+                             f"differ from the first shard's {self.text_shape}")
+        self.text_shape = (tuple(tshape[1:]), tuple(vshape[1:]))   # ([L, d_t5], [d_clip])
+        self._text["txt"].append(txt)
+        self._text["vec"].append(vec)
+
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(float32 [len(indices), *shape], int32 [len(indices)])`` in the given order."""
+    def _rows(self, arrays: list, shape: tuple, indices: np.ndarray) -> np.ndarray:
+        """float32 [len(indices), *shape]: the rows `indices` of per-shard `arrays`."""
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError("latent index out of range")
-        out = np.empty((len(indices), *self.shape), np.float32)
+        out = np.empty((len(indices), *shape), np.float32)
         shard = np.searchsorted(self._starts, indices, side="right") - 1
         for s in np.unique(shard):
             sel = np.nonzero(shard == s)[0]
             rows = indices[sel] - self._starts[s]
             order = np.argsort(rows, kind="stable")  # read each shard in file order
-            out[sel[order]] = self._latents[s][rows[order]]
-        return out, self.labels[indices]
+            out[sel[order]] = arrays[s][rows[order]]
+        return out
+
+    def gather(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(float32 [len(indices), *shape], int32 [len(indices)])`` in the given order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return self._rows(self._latents, self.shape, indices), self.labels[indices]
+
+    def gather_text(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(txt float32 [len(indices), L, d_t5], vec [len(indices), d_clip])`` of text
+        shards, in the given order."""
+        if not self.has_text:
+            raise ValueError(f"the latent shards in {self.path} hold no text embeddings")
+        return tuple(self._rows(self._text[k], shape, indices)
+                     for k, shape in zip(TEXT_ARRAYS, self.text_shape))
 
 
 class LatentSource(base.DataSource):
@@ -286,6 +366,12 @@ class LatentSource(base.DataSource):
         self.shards = LatentShards(base.cfg_require(cfg, "path", self.name))
         self.latent_flip = bool(base.cfg_get(cfg, "latent_flip", False))
         self.image_shape = self.shards.shape
+        # Text-to-image shards: batches carry "txt" / "vec" (train.text_conditioner reads
+        # these: the empty prompt's embeddings and the encoders' settings, when recorded).
+        self.has_text = self.shards.has_text
+        self.empty_prompt = self.shards.empty_prompt
+        text_meta = self.shards.meta.get("metadata", {}).get("text", {})
+        self.text_settings = text_meta.get("settings")
         meta_classes = self.shards.meta.get("metadata", {}).get("num_classes")
         self.num_classes = int(
             base.cfg_get(cfg, "num_classes", None)
@@ -310,4 +396,7 @@ class LatentSource(base.DataSource):
         if self.latent_flip:
             flip = base.flip_mask(seed, epoch, indices)
             lat[flip] = lat[flip][..., ::-1, :]
-        return {"image": lat, "label": lab}
+        batch = {"image": lat, "label": lab}
+        if self.shards.has_text:
+            batch["txt"], batch["vec"] = self.shards.gather_text(indices)
+        return batch

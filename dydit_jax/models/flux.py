@@ -28,12 +28,32 @@ gathers the kept rows, so its router gets no gradient from the task loss; ours d
 module is the masked formulation (skipped updates multiplied by an exact 0): the reference for
 the engine, which really skips them.
 
+TDW for FLUX (`dynamic_width=True`, off by default; the paper's figure describes it, no code is
+released, so the choices here are ours): DyDiT's width routers, Dense(D -> H-1) on the
+*timestep* embedding `time_in(t)` alone (float32, bias init 15, index 0 always on, Gumbel-
+sigmoid STE gates with tau 5 in training, sigmoid(logit / tau) > 0.5 in inference), so that the
+widths of every sampling step depend on t only and are known ahead (the engine's static
+buckets); the guidance and pooled-text embeddings are deliberately not read. A double block
+has a `head_router` (one head mask for the joint attention of both streams: the masked heads'
+outputs are zeroed before each stream's `proj`), a `group_router` for the image FFN and a
+`txt_group_router` for the text FFN (H groups of mlp_hidden / H channels of `img_mlp.0` /
+`txt_mlp.0`, zeroed before the GELU). A single block has a `head_router` (attention heads,
+zeroed before `linear2`) and a `group_router` (groups of the MLP part of `linear1`; their
+columns of linear2's input are then exact zeros).
+
 Mixed precision: `dtype` is the compute dtype, `param_dtype` the storage dtype; norms, softmax,
 RoPE and the router logits run in float32 (float64 when the model runs in float64).
+
+`scan_layers=True` runs the double blocks as one `nn.scan` and the single blocks as another,
+their parameters stacked on a leading depth axis under `double_blocks` and `single_blocks`
+(instead of `double_blocks_{i}`, `single_blocks_{i}`; `dydit_jax.convert.to_layout` converts
+either way, `block_params` gives the stacked blocks of either); `remat` then rematerialises
+inside the scan. Same function, faster compiles for deep models (FLUX.1-dev: 19 + 38 blocks).
 """
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -42,8 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dydit_jax.models.dit import (
-    _float_dtype, dot_product_attention, layer_norm, remat_policy, timestep_embedding,
-    xavier_uniform, zeros,
+    _float_dtype, dot_product_attention, gumbel_sigmoid_gate, layer_norm, remat_policy,
+    timestep_embedding, xavier_uniform, zeros,
 )
 
 Dtype = Any
@@ -203,9 +223,54 @@ def modulate(x, shift, scale):
     return (1 + scale) * x + shift
 
 
-def mlp(fc1, fc2, x):
-    """fc1, GELU(tanh), fc2: the release's `nn.Sequential` (`img_mlp.0`, `img_mlp.2`)."""
-    return dense_rows(fc2, nn.gelu(dense_rows(fc1, x), approximate=True))
+def mlp(fc1, fc2, x, group_mask=None):
+    """fc1, GELU(tanh), fc2: the release's `nn.Sequential` (`img_mlp.0`, `img_mlp.2`).
+    `group_mask` [B, G] (TDW) zeroes G contiguous groups of fc1's outputs of x [B, N, D]."""
+    h = dense_rows(fc1, x)
+    if group_mask is not None:
+        h = h * expand_groups(group_mask, h.shape[-1])[:, None, :].astype(h.dtype)
+    return dense_rows(fc2, nn.gelu(h, approximate=True))
+
+
+def expand_groups(mask, width: int):
+    """[B, G] group (or head) mask -> [B, width], each entry repeated width / G times."""
+    return jnp.repeat(mask, width // mask.shape[-1], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# TDW width routers (dynamic_width)
+# ----------------------------------------------------------------------------------------------
+
+def width_router(num_heads: int, bias_init: float, name: str):
+    """Dense(D -> H-1) on the timestep embedding, float32 (masks flip on tiny logits)."""
+    return nn.Dense(num_heads - 1, kernel_init=xavier_uniform,
+                    bias_init=nn.initializers.constant(bias_init), dtype=jnp.float32,
+                    name=name)
+
+
+def width_gate(logits, train: bool, noise=None, tau: float = 5.0):
+    """DyDiT's width gate: [B, H-1] logits -> [B, H] mask (index 0 always on); Gumbel draws
+    `noise` = (g1, g2) in training, none in inference."""
+    gate = gumbel_sigmoid_gate(logits, tau, noise if train else None)
+    return jnp.concatenate([jnp.ones_like(gate[:, :1]), gate], axis=-1)
+
+
+class WidthRouting(nn.Module):
+    """The parameter-free part of a block's TDW: logits -> masks with per-router Gumbel noise
+    drawn from the "gumbel" rng stream in training. Returns {name: mask [B, H]} and
+    {name: logits [B, H-1]}."""
+    tau: float = 5.0
+
+    @nn.compact
+    def __call__(self, logits: dict, train: bool):
+        masks = {}
+        for name, lg in logits.items():
+            noise = None
+            if train:
+                g = jax.random.gumbel(self.make_rng("gumbel"), (2,) + lg.shape, jnp.float32)
+                noise = (g[0], g[1])
+            masks[name] = width_gate(lg, train, noise, self.tau)
+        return masks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,12 +327,18 @@ class DoubleStreamBlock(nn.Module):
     dynamic: bool = False
     router_bias_init: float = 5.0
     router_tau: float = 5.0
+    dynamic_width: bool = False
+    width_bias_init: float = 15.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    # TDW routers of this block kind, in the order of `width_logits` (see the module docstring).
+    WIDTH_ROUTERS = ("head", "group", "txt_group")
 
     def setup(self):
         d, kw = self.hidden_size, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         hidden = int(d * self.mlp_ratio)
+        _setup_width(self, hidden)
         for s in ("img", "txt"):
             setattr(self, f"{s}_mod", Modulation(d, True, name=f"{s}_mod", **kw))
             setattr(self, f"{s}_attn", SelfAttention(d, self.num_heads, self.qkv_bias,
@@ -277,48 +348,89 @@ class DoubleStreamBlock(nn.Module):
         if self.dynamic:
             self.token_router = FluxTokenRouter(d, self.router_bias_init)
 
-    def attend(self, img, txt, vec, pe):
-        """Both streams' modulation and the joint attention with its residuals. Returns
-        (img, txt, img_mod2, txt_mod2): the streams after attention and the FFN's
-        (shift, scale, gate) of each."""
+    def attend(self, img, txt, vec, pe, head_mask=None):
+        """Both streams' modulation and the joint attention with its residuals (`head_mask`
+        [B, H]: TDW's heads, zeroed before both projections). Returns (img, txt, img_mod2,
+        txt_mod2): the streams after attention and the FFN's (shift, scale, gate) of each."""
         img_mod1, img_mod2 = _pairs(self.img_mod(vec))
         txt_mod1, txt_mod2 = _pairs(self.txt_mod(vec))
         img_q, img_k, img_v = self.img_attn.heads(modulate(layer_norm(img), *img_mod1[:2]))
         txt_q, txt_k, txt_v = self.txt_attn.heads(modulate(layer_norm(txt), *txt_mod1[:2]))
         cat = functools.partial(jnp.concatenate, axis=1)
         attn = attention(cat([txt_q, img_q]), cat([txt_k, img_k]), cat([txt_v, img_v]), pe)
+        if head_mask is not None:
+            attn = attn * expand_groups(head_mask, attn.shape[-1])[:, None].astype(attn.dtype)
         n_txt = txt.shape[1]
         img = img + img_mod1[2] * self.img_attn.project(attn[:, n_txt:])
         txt = txt + txt_mod1[2] * self.txt_attn.project(attn[:, :n_txt])
         return img, txt, img_mod2, txt_mod2
 
-    def img_ffn(self, h):
+    def img_ffn(self, h, group_mask=None):
         """The image FFN on modulated rows h [..., D] (the part DyFLUX skips per token)."""
-        return mlp(self.img_mlp_0, self.img_mlp_2, h)
+        return mlp(self.img_mlp_0, self.img_mlp_2, h, group_mask)
 
-    def txt_ffn(self, h):
-        return mlp(self.txt_mlp_0, self.txt_mlp_2, h)
+    def txt_ffn(self, h, group_mask=None):
+        return mlp(self.txt_mlp_0, self.txt_mlp_2, h, group_mask)
 
     def route_logits(self, img, txt, vec):
         return self.token_router(img, txt, vec)
 
+    def width_logits(self, t_emb):
+        """TDW router logits {name: [B, H-1]} from the timestep embedding [B, D]."""
+        return _width_logits(self, t_emb)
+
     def __call__(self, img, txt, vec, pe, route: bool = False, train: bool = False,
-                 noise=None):
-        img, txt, img_mod2, txt_mod2 = self.attend(img, txt, vec, pe)
+                 noise=None, t_emb=None):
+        """-> (img, txt, token logits, token gate, width): `width` = ({name: mask [B, H]},
+        {name: logits [B, H-1]}) when TDW routes (`dynamic_width` and `route`), else None."""
+        width = _width(self, route, t_emb, train)
+        masks = width[0] if width else {}
+        img, txt, img_mod2, txt_mod2 = self.attend(img, txt, vec, pe, masks.get("head"))
         logits = gate = None
-        update = self.img_ffn(modulate(layer_norm(img), *img_mod2[:2]))
+        update = self.img_ffn(modulate(layer_norm(img), *img_mod2[:2]), masks.get("group"))
         if route:
             logits = self.route_logits(img, txt, vec)
             gate = token_gate(logits, train, noise, self.router_tau)
             update = update * gate[..., None].astype(update.dtype)
         img = img + img_mod2[2] * update
-        txt = txt + txt_mod2[2] * self.txt_ffn(modulate(layer_norm(txt), *txt_mod2[:2]))
-        return img, txt, logits, gate
+        txt = txt + txt_mod2[2] * self.txt_ffn(modulate(layer_norm(txt), *txt_mod2[:2]),
+                                               masks.get("txt_group"))
+        return img, txt, logits, gate, width
 
 
 def _pairs(chunks):
     """Six modulation chunks -> ((shift, scale, gate), (shift, scale, gate))."""
     return tuple(chunks[:3]), tuple(chunks[3:])
+
+
+def _setup_width(block, mlp_hidden: int):
+    """A block's TDW routers (`block.WIDTH_ROUTERS`), when `dynamic_width`."""
+    if not block.dynamic_width:
+        return
+    if not block.dynamic:
+        raise ValueError("dynamic_width (TDW) needs dynamic=True (DyFLUX)")
+    h = block.num_heads
+    if mlp_hidden % h:
+        raise ValueError(f"TDW splits the MLP width {mlp_hidden} into num_heads={h} groups: "
+                         f"it must be divisible")
+    block.width_routers = {name: width_router(h, block.width_bias_init, f"{name}_router")
+                           for name in block.WIDTH_ROUTERS}
+    block.width_routing = WidthRouting(block.router_tau)
+
+
+def _width_logits(block, t_emb):
+    t_emb = t_emb.astype(jnp.float32)
+    return {name: router(t_emb) for name, router in block.width_routers.items()}
+
+
+def _width(block, route: bool, t_emb, train: bool):
+    """(masks, logits) of a routing TDW block, else None."""
+    if not (block.dynamic_width and route):
+        return None
+    if t_emb is None:
+        raise ValueError("a TDW block needs the timestep embedding t_emb")
+    logits = _width_logits(block, t_emb)
+    return block.width_routing(logits, train), logits
 
 
 class SingleStreamBlock(nn.Module):
@@ -333,12 +445,17 @@ class SingleStreamBlock(nn.Module):
     dynamic: bool = False
     router_bias_init: float = 5.0
     router_tau: float = 5.0
+    dynamic_width: bool = False
+    width_bias_init: float = 15.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    WIDTH_ROUTERS = ("head", "group")
 
     def setup(self):
         d, kw = self.hidden_size, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.mlp_hidden = int(d * self.mlp_ratio)
+        _setup_width(self, self.mlp_hidden)
         self.linear1 = _dense(3 * d + self.mlp_hidden, "linear1", **kw)
         self.linear2 = _dense(d, "linear2", **kw)
         self.norm = QKNorm(d // self.num_heads, self.param_dtype)
@@ -353,8 +470,15 @@ class SingleStreamBlock(nn.Module):
     def qk_norm(self, q, k, v):
         return self.norm(q, k, v)
 
+    def width_logits(self, t_emb):
+        """TDW router logits {name: [B, H-1]} from the timestep embedding [B, D]."""
+        return _width_logits(self, t_emb)
+
     def __call__(self, x, vec, pe, n_txt: int, route: bool = False, train: bool = False,
-                 noise=None):
+                 noise=None, t_emb=None):
+        """-> (x, token logits, token gate, width) (see `DoubleStreamBlock.__call__`)."""
+        width = _width(self, route, t_emb, train)
+        masks = width[0] if width else {}
         shift, scale, gate = self.modulation(vec)
         logits = token = None
         if route:
@@ -364,12 +488,17 @@ class SingleStreamBlock(nn.Module):
         d = self.hidden_size
         q, k, v = split_heads(h[..., :3 * d], self.num_heads, self.norm)
         mlp = nn.gelu(h[..., 3 * d:], approximate=True)
-        update = dense_rows(self.linear2, jnp.concatenate([attention(q, k, v, pe), mlp], -1))
+        attn = attention(q, k, v, pe)
+        if masks:
+            attn = attn * expand_groups(masks["head"], d)[:, None].astype(attn.dtype)
+            mlp = mlp * expand_groups(masks["group"], self.mlp_hidden)[:, None].astype(
+                mlp.dtype)
+        update = dense_rows(self.linear2, jnp.concatenate([attn, mlp], -1))
         if route:
             keep = token.astype(update.dtype)
             keep = jnp.concatenate([jnp.ones((keep.shape[0], n_txt), keep.dtype), keep], axis=1)
             update = update * keep[..., None]
-        return x + gate * update, logits, token
+        return x + gate * update, logits, token, width
 
 
 class LastLayer(nn.Module):
@@ -403,6 +532,16 @@ class FLUX(nn.Module):
     every token (the model without routing, as diffusers' plain FluxTransformer2DModel on the
     same weights) and returns (out, None). `train=True` draws the gates' Gumbel noise from the
     "gumbel" rng stream, or takes it as `gumbel_noise` [blocks, 2, B, L].
+
+    With `dynamic_width` (TDW, see the module docstring) aux also holds "head_masks" and
+    "group_masks" [blocks, B, H] (the image FFN's groups in double blocks, the MLP part's in
+    single blocks), "txt_group_masks" [depth, B, H] (double blocks' text FFN), and the
+    routers' logits under the same names with "_logits" ([..., H-1]). Training draws the width
+    gates' noise from the "gumbel" rng inside each block (a scanned model splits that rng per
+    block, so its draws differ from an unscanned one's; the token noise does not).
+
+    `scan_layers`: one `nn.scan` per block kind (see the module docstring); `remat`:
+    rematerialise each block in the backward pass (`remat_policy` as in `dit.DiT`).
     """
     in_channels: int = 64
     out_channels: Optional[int] = None
@@ -420,6 +559,9 @@ class FLUX(nn.Module):
     dynamic: bool = False
     router_bias_init: float = 5.0
     router_tau: float = 5.0
+    dynamic_width: bool = False
+    width_bias_init: float = 15.0
+    scan_layers: bool = False
     remat: bool = False
     remat_policy: str = "nothing_saveable"
     dtype: Dtype = jnp.float32
@@ -448,18 +590,28 @@ class FLUX(nn.Module):
             self.guidance_in = MLPEmbedder(d, **kw)
         self.txt_in = _dense(d, "txt_in", **kw)
         common = dict(dynamic=self.dynamic, router_bias_init=self.router_bias_init,
-                      router_tau=self.router_tau, **kw)
-        self.double_blocks = [DoubleStreamBlock(d, self.num_heads, self.mlp_ratio, self.qkv_bias,
-                                     name=f"double_blocks_{i}", **common)
-                              for i in range(self.depth)]
-        self.single_blocks = [SingleStreamBlock(d, self.num_heads, self.mlp_ratio,
-                                     name=f"single_blocks_{i}", **common)
-                              for i in range(self.depth_single_blocks)]
+                      router_tau=self.router_tau, dynamic_width=self.dynamic_width,
+                      width_bias_init=self.width_bias_init, **kw)
+        double = functools.partial(DoubleStreamBlock, d, self.num_heads, self.mlp_ratio,
+                                   self.qkv_bias, **common)
+        single = functools.partial(SingleStreamBlock, d, self.num_heads, self.mlp_ratio, **common)
+        if self.scan_layers:
+            # One block per kind whose parameters `_run_kind` stacks along a leading depth axis.
+            self.double_blocks = double(name="double_blocks")
+            self.single_blocks = single(name="single_blocks")
+        else:
+            self.double_blocks = [double(name=f"double_blocks_{i}") for i in range(self.depth)]
+            self.single_blocks = [single(name=f"single_blocks_{i}")
+                                  for i in range(self.depth_single_blocks)]
         self.final_layer = LastLayer(d, self.out_dim, **kw)
+
+    def time_embedding(self, timesteps):
+        """time_in(t) [B, D]: what the TDW routers read."""
+        return self.time_in(self._features(timesteps))
 
     def conditioning(self, timesteps, y, guidance=None):
         """vec [B, D] = time_in(t) (+ guidance_in(g)) + vector_in(y)."""
-        vec = self.time_in(self._features(timesteps))
+        vec = self.time_embedding(timesteps)
         if self.guidance_embed:
             if guidance is None:
                 raise ValueError("this FLUX has a guidance embedding (FLUX.1-dev style): pass "
@@ -501,36 +653,77 @@ class FLUX(nn.Module):
                                  f"{[self.num_blocks, 2, *img.shape[:2]]}, got "
                                  f"{list(noise.shape)}")
 
-        def double(block, img, txt, vec, pe, noise_i):
-            return block(img, txt, vec, pe, route=route, train=train, noise=noise_i)
+        t_emb = (self.time_embedding(timesteps) if route and self.dynamic_width else None)
 
-        def single(block, x, vec, pe, noise_i):
-            return block(x, vec, pe, n_txt, route=route, train=train, noise=noise_i)
+        def gumbel(noise_i):                       # [2, B, L] -> (g1, g2)
+            return None if noise_i is None else (noise_i[0], noise_i[1])
+
+        def double(block, carry, noise_i):
+            img, txt, logits, gate, width = block(*carry, vec, pe, route=route, train=train,
+                                                  noise=gumbel(noise_i), t_emb=t_emb)
+            return (img, txt), (logits, gate, width)
+
+        def single(block, x, noise_i):
+            x, logits, gate, width = block(x, vec, pe, n_txt, route=route, train=train,
+                                           noise=gumbel(noise_i), t_emb=t_emb)
+            return x, (logits, gate, width)
 
         if self.remat:
             policy = remat_policy(self.remat_policy)
-            double = nn.remat(double, prevent_cse=True, policy=policy)
-            single = nn.remat(single, prevent_cse=True, policy=policy)
+            double = nn.remat(double, prevent_cse=not self.scan_layers, policy=policy)
+            single = nn.remat(single, prevent_cse=not self.scan_layers, policy=policy)
 
-        def noise_of(i):
-            return None if noise is None else (noise[i, 0], noise[i, 1])
-
-        logits, gates = [], []
-        for i, block in enumerate(self.double_blocks):
-            img, txt, block_logits, gate = double(block, img, txt, vec, pe, noise_of(i))
-            logits.append(block_logits)
-            gates.append(gate)
-        x = jnp.concatenate([txt, img], axis=1)
-        for j, block in enumerate(self.single_blocks):
-            x, block_logits, gate = single(block, x, vec, pe, noise_of(self.depth + j))
-            logits.append(block_logits)
-            gates.append(gate)
+        (img, txt), doubles = self._run_kind(
+            self.double_blocks, self.depth, double, (img, txt),
+            None if noise is None else noise[:self.depth])
+        x, singles = self._run_kind(self.single_blocks, self.depth_single_blocks, single,
+                                    jnp.concatenate([txt, img], axis=1),
+                                    None if noise is None else noise[self.depth:])
         out = self.head(x[:, n_txt:], vec)
         if not self.dynamic:
             return out
         if not route:
             return out, None
-        return out, {"token_logits": jnp.stack(logits), "token_masks": jnp.stack(gates)}
+        kinds = [k for k in (doubles, singles) if k is not None]   # execution order
+        aux = {"token_logits": jnp.concatenate([k[0] for k in kinds]),
+               "token_masks": jnp.concatenate([k[1] for k in kinds])}
+        if self.dynamic_width:
+            aux.update(stack_width([k[2] for k in kinds]))
+        return out, aux
+
+    def _run_kind(self, blocks, n: int, step, carry, xs=None):
+        """`step(block, carry, x_i) -> (carry, out_i)` through one kind's n blocks: one
+        `nn.scan` over the stacked parameters (`scan_layers`; rngs split per block), else a
+        loop. xs: [n, ...] or None. Returns (carry, the outs stacked [n, ...]); (carry, None)
+        when the kind has no blocks."""
+        if not n:
+            return carry, None
+        if self.scan_layers:
+            return nn.scan(step, variable_axes={"params": 0},
+                           split_rngs={"params": True, "gumbel": True},
+                           length=n)(blocks, carry, xs)
+        outs = []
+        for i, block in enumerate(blocks):
+            carry, out = step(block, carry, None if xs is None else xs[i])
+            outs.append(out)
+        return carry, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+
+    def width_logits(self, timesteps):
+        """TDW router logits for times [T] without running the blocks (width plans):
+        {"head": [T, blocks, H-1], "group": [T, blocks, H-1], "txt_group": [T, depth, H-1]}."""
+        if not self.dynamic_width:
+            raise ValueError("width_logits needs a FLUX built with dynamic_width=True")
+        t_emb = self.time_embedding(jnp.asarray(timesteps))
+
+        def step(block, carry, _):
+            return carry, block.width_logits(t_emb)
+
+        kinds = [self._run_kind(blocks, n, step, None)[1]
+                 for blocks, n in ((self.double_blocks, self.depth),
+                                   (self.single_blocks, self.depth_single_blocks))]
+        return {name: jnp.moveaxis(jnp.concatenate([k[name] for k in kinds
+                                                    if k is not None and name in k]), 0, 1)
+                for name in DoubleStreamBlock.WIDTH_ROUTERS}
 
     def dummy_inputs(self, batch: int = 1, dtype=jnp.float32, image_tokens: int = 4,
                      text_tokens: int = 2):
@@ -583,6 +776,46 @@ def _preset(name):
 
 
 FLUX_models = {name: _preset(name) for name in FLUX_CONFIGS}
+
+
+def stack_width(kinds):
+    """Each block kind's (masks, logits) dicts stacked over its blocks ([n, B, ...]), in
+    execution order -> aux entries ("head_masks" [blocks, B, H], ..., "txt_group_masks"
+    [depth, B, H] from the double blocks only)."""
+    out = {}
+    for name in DoubleStreamBlock.WIDTH_ROUTERS:
+        out[f"{name}_masks"] = jnp.concatenate([m[name] for m, _ in kinds if name in m])
+        out[f"{name}_logits"] = jnp.concatenate([lg[name] for _, lg in kinds if name in lg])
+    return out
+
+
+_BLOCK_KEY = re.compile(r"^(double|single)_blocks(_\d+)?$")
+
+
+def block_params(model: FLUX, params):
+    """-> (rest, doubles, singles): the parameters outside the blocks, and the double and
+    single blocks' stacked on a leading depth axis ([depth, ...], [depth_single_blocks, ...];
+    {} for a kind without blocks), from the layout of `model` (`scan_layers`: the stacked
+    trees as they are; else `double_blocks_{i}` / `single_blocks_{i}` stacked).
+    `params`: the tree or {"params": tree}."""
+    params = params["params"] if "params" in params else params
+    rest = {k: v for k, v in params.items() if not _BLOCK_KEY.match(k)}
+
+    def kind(name, n):
+        if not n:
+            return {}
+        want, other = ((name, f"{name}_0") if model.scan_layers else (f"{name}_0", name))
+        if want not in params:
+            found = f"{other!r} is there: " if other in params else ""
+            raise ValueError(f"block_params: no {want!r} in the parameters of a FLUX with "
+                             f"scan_layers={model.scan_layers}; {found}convert them with "
+                             f"dydit_jax.convert.to_layout(params, {model.scan_layers})")
+        if model.scan_layers:
+            return params[name]
+        return jax.tree_util.tree_map(lambda *a: jnp.stack(a),
+                                      *(params[f"{name}_{i}"] for i in range(n)))
+    return (rest, kind("double_blocks", model.depth),
+            kind("single_blocks", model.depth_single_blocks))
 
 
 def pack_latents(latent):
