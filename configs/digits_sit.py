@@ -49,13 +49,6 @@ def get_config(arg=None):
     c.transport.update(enabled=True, path_type="Linear", prediction="velocity",
                        sampler=args.sampler, method=args.method, num_steps=args.sample_steps)
     if args.lam > 0:
-        if not args.init:
-            raise config_lib.ConfigError("DyDiT fine-tuning (lam>0) starts from a trained SiT: "
-                                         "pass init=<workdir of configs/digits_sit.py>")
-        c.dynamic.update(enabled=True, target=args.lam, warmup_steps=args.warmup,
-                         hold_steps=100, stage=1, reorder=True)
-        c.train.update(init_from=args.init, lr=3e-4)
-        if "steps" not in (arg or ""):
-            c.train.num_steps = 800
+        config_lib.apply_finetune_args(c, args, arg, "digits_sit.py", reorder=True)
     config_lib.apply_peft_arg(c, args.peft, args.peft_lr)
     return c

@@ -63,12 +63,5 @@ def get_config(arg=None):
     c.sample.update(num_steps=28, per_class=8, batch_size=80)
     c.extract.update(flip=False, shard_size=512)   # a mirrored digit contradicts its caption
     if args.lam > 0:
-        if not args.init:
-            raise config_lib.ConfigError("DyFLUX fine-tuning (lam>0) starts from a trained FLUX: "
-                                         "pass init=<workdir of configs/flux_digits.py>")
-        c.dynamic.update(enabled=True, target=args.lam, warmup_steps=args.warmup,
-                         hold_steps=100, stage=1, reorder=False)
-        c.train.update(init_from=args.init, lr=3e-4)
-        if "steps" not in (arg or ""):
-            c.train.num_steps = 800
+        config_lib.apply_finetune_args(c, args, arg, "flux_digits.py", reorder=False)
     return c

@@ -347,6 +347,21 @@ def apply_dydit_arg(c: ml_collections.ConfigDict, lam: float, init: str, arg: st
         c.train.num_steps = 200_000
 
 
+def apply_finetune_args(c: ml_collections.ConfigDict, args, arg: str | None, base: str,
+                        reorder: bool) -> None:
+    """A CPU demo config's DyDiT fine-tune (`lam > 0`): from the trained run `args.init`
+    (required; `base` names the config that trains it), stage 1, target 1.0 for 100 steps then
+    a ramp over `args.warmup` steps, AdamW 3e-4, 800 steps unless `steps=` is given."""
+    if not args.init:
+        raise ConfigError(f"fine-tuning (lam>0) starts from a trained model: pass "
+                          f"init=<workdir of configs/{base}>")
+    c.dynamic.update(enabled=True, target=args.lam, warmup_steps=args.warmup,
+                     hold_steps=100, stage=1, reorder=reorder)
+    c.train.update(init_from=args.init, lr=3e-4)
+    if "steps" not in (arg or ""):
+        c.train.num_steps = 800
+
+
 def apply_peft_arg(c: ml_collections.ConfigDict, method: str, lr: float) -> None:
     """A config file's `peft=` argument: LoRA / TD-LoRA on the defaults of `config.peft`, at
     learning rate `lr` (adapters start at zero and take a larger one than full fine-tuning)."""

@@ -24,14 +24,28 @@ each module's docstring for its keys.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from dydit_jax.data.base import DataSource, EpochSampler
 from dydit_jax.data.latents import LatentShards, write_latent_shards
 from dydit_jax.data.transforms import center_crop_arr
 
-SOURCES = ("digits", "captioned_digits", "caption_folder", "tfds_captions", "moving_digits",
-           "imagenet", "ucf101", "video_folder", "latents", "synthetic")
+# name -> (module, class), imported on use: a source's dependencies (tfds, PyAV, ...) load only
+# when it is picked.
+_SOURCE_CLASSES = {
+    "digits": ("digits", "DigitsSource"),
+    "captioned_digits": ("captioned_digits", "CaptionedDigitsSource"),
+    "caption_folder": ("captions", "CaptionFolderSource"),
+    "tfds_captions": ("captions", "TfdsCaptionsSource"),
+    "moving_digits": ("moving_digits", "MovingDigitsSource"),
+    "imagenet": ("imagenet", "ImageNetSource"),
+    "ucf101": ("ucf101", "Ucf101Source"),
+    "video_folder": ("video_folder", "VideoFolderSource"),
+    "latents": ("latents", "LatentSource"),
+    "synthetic": ("synthetic", "SyntheticSource"),
+}
+SOURCES = tuple(_SOURCE_CLASSES)
 VIDEO_SOURCES = ("moving_digits", "ucf101", "video_folder")   # batches [b, F, H, W, C]
 # Batches with "caption" indices into `source.captions` (text-to-image).
 CAPTION_SOURCES = ("captioned_digits", "caption_folder", "tfds_captions")
@@ -46,52 +60,13 @@ def create_source(
 ) -> DataSource:
     """Build the batch source named by ``config.name`` (``config`` is ``config.data``)."""
     name = getattr(config, "name", None) if not hasattr(config, "get") else config.get("name")
-    kwargs = dict(
-        process_index=int(process_index),
-        process_count=int(process_count),
-        local_batch_size=local_batch_size,
-    )
-    if name == "digits":
-        from dydit_jax.data.digits import DigitsSource
-
-        return DigitsSource(config, **kwargs)
-    if name == "captioned_digits":
-        from dydit_jax.data.captioned_digits import CaptionedDigitsSource
-
-        return CaptionedDigitsSource(config, **kwargs)
-    if name == "caption_folder":
-        from dydit_jax.data.captions import CaptionFolderSource
-
-        return CaptionFolderSource(config, **kwargs)
-    if name == "tfds_captions":
-        from dydit_jax.data.captions import TfdsCaptionsSource
-
-        return TfdsCaptionsSource(config, **kwargs)
-    if name == "moving_digits":
-        from dydit_jax.data.moving_digits import MovingDigitsSource
-
-        return MovingDigitsSource(config, **kwargs)
-    if name == "imagenet":
-        from dydit_jax.data.imagenet import ImageNetSource
-
-        return ImageNetSource(config, **kwargs)
-    if name == "ucf101":
-        from dydit_jax.data.ucf101 import Ucf101Source
-
-        return Ucf101Source(config, **kwargs)
-    if name == "video_folder":
-        from dydit_jax.data.video_folder import VideoFolderSource
-
-        return VideoFolderSource(config, **kwargs)
-    if name == "latents":
-        from dydit_jax.data.latents import LatentSource
-
-        return LatentSource(config, **kwargs)
-    if name == "synthetic":
-        from dydit_jax.data.synthetic import SyntheticSource
-
-        return SyntheticSource(config, **kwargs)
-    raise ValueError(f"unknown config.data.name {name!r}; valid names: {', '.join(SOURCES)}")
+    if name not in _SOURCE_CLASSES:
+        raise ValueError(f"unknown config.data.name {name!r}; valid names: "
+                         f"{', '.join(SOURCES)}")
+    module, cls = _SOURCE_CLASSES[name]
+    source = getattr(importlib.import_module(f"dydit_jax.data.{module}"), cls)
+    return source(config, process_index=int(process_index), process_count=int(process_count),
+                  local_batch_size=local_batch_size)
 
 
 __all__ = [
