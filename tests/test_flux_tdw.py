@@ -200,7 +200,8 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 # Quarters (padding slots when a count falls between widths) and one full-width bucket (every
 # head gathered, the inactive ones zeroed by their masks); capacities halves.
-@pytest.mark.parametrize("width_grid", [None, (1.0,)])
+# One full-width bucket is slow-marked: the 8-device test below runs that grid.
+@pytest.mark.parametrize("width_grid", [None, pytest.param((1.0,), marks=pytest.mark.slow)])
 def test_engine_with_tdw_equals_masked(width_grid):
     from test_flux_engine import calibrated
     from dydit_jax.engine.flux import FluxEngine

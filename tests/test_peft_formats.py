@@ -81,8 +81,11 @@ def assert_same_tree(a, b):
 # Round trips and the file layout
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scanned", [False, True], ids=["unscanned", "scanned"])
-@pytest.mark.parametrize("naming", ["official", "diffusers"])
+# diffusers + scanned is slow-marked: each of its two sides runs in another case.
+@pytest.mark.parametrize("scanned,naming", [
+    (False, "official"), (True, "official"), (False, "diffusers"),
+    pytest.param(True, "diffusers", marks=pytest.mark.slow)],
+    ids=["official-unscanned", "official-scanned", "diffusers-unscanned", "diffusers-scanned"])
 def test_round_trip_gives_the_same_adapters_and_outputs(tmp_path, base, inputs, naming,
                                                         scanned):
     model, params, adapters = setup(base, scanned)
