@@ -525,23 +525,17 @@ def flux_macs_ratio_fn(model, n_img: int, n_txt: int) -> Callable:
     heads / groups [blocks, B], txt_groups [depth, B]), for the DyFLUX objective."""
     static = flux_macs(model, n_img, n_txt)["total"]
 
+    def total(*counts):   # one sample's counts per block (None: every head / group)
+        return sum(jnp.sum(v) for v in _flux_parts(model, n_img, n_txt, *counts,
+                                                   xp=jnp).values())
+
     def ratio(kept, heads=None, groups=None, txt_groups=None):
         args = [None if a is None else jnp.asarray(a, jnp.float32)
                 for a in (kept, heads, groups, txt_groups)]
-        return _ratio_columns(model, n_img, n_txt, args) / static
+        # vmap over the sample axis; a None argument is an empty tree and stays None.
+        return jax.vmap(total, in_axes=1)(*args) / static
 
     return ratio
-
-
-def _ratio_columns(model, n_img, n_txt, args):
-    """Total MACs per sample (column) of the per-block counts `args` (None = full)."""
-    def one(*cols):
-        it = iter(cols)
-        full = [None if a is None else next(it) for a in args]
-        return sum(jnp.sum(v) for v in _flux_parts(model, n_img, n_txt, *full,
-                                                   xp=jnp).values())
-    present = [a for a in args if a is not None]
-    return jax.vmap(one, in_axes=1)(*present)
 
 
 def jaxpr_macs(fn, *args, **kwargs) -> int:

@@ -72,12 +72,6 @@ def block_modules(model: FLUX):
             SingleStreamBlock(model.hidden_size, model.num_heads, model.mlp_ratio, **kw))
 
 
-def split_params(model: FLUX, variables):
-    """-> (rest, double blocks stacked [depth, ...], single blocks stacked [depth_single, ...]),
-    from either parameter layout (`flux.block_params`; scan_layers' trees are used as they are)."""
-    return block_params(model, variables)
-
-
 def _switch(index, branches, *operands):
     if len(branches) == 1:
         return branches[0](*operands)
@@ -89,9 +83,7 @@ def _dense(x, p, columns=None):
     kernel, bias = p["kernel"], p["bias"]
     if columns is not None:
         kernel, bias = kernel[:, columns], bias[columns]
-    lead = x.shape[:-1]
-    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(kernel.dtype), kernel) + bias
-    return y.reshape(lead + (kernel.shape[-1],))
+    return _matmul(x, kernel, bias)
 
 
 def _matmul(x, kernel, bias=None):
@@ -135,10 +127,10 @@ def _head_columns(idx, d: int, heads: int, parts: Sequence[int]):
     return jnp.concatenate([part * d + cols for part in parts])
 
 
-def _group_rows(idx, width: int, groups: int, offset: int = 0):
-    """Channel indices of groups `idx` of a `width`-wide hidden layer (+ offset)."""
+def _group_rows(idx, width: int, groups: int):
+    """Channel indices of groups `idx` of a `width`-wide hidden layer."""
     gw = width // groups
-    return offset + (idx[:, None] * gw + jnp.arange(gw)[None]).reshape(-1)
+    return (idx[:, None] * gw + jnp.arange(gw)[None]).reshape(-1)
 
 
 def _gathered_ffn(p0, p2, h, idx, slot_rows, groups: int):
@@ -164,8 +156,9 @@ def _stream_heads(p, norm, h, idx, heads: int):
     return q, k, qkv[:, :, 2]
 
 
-def double_forward_tdw(model, bp, img, txt, vec, pe, width, capacities, sizes):
-    """`double_forward` with gathered heads (joint attention) and FFN groups."""
+def double_forward_tdw(model, bp, img, txt, vec, pe, capacities, *, width, width_sizes):
+    """`double_forward` with gathered heads (joint attention) and FFN groups. width: this
+    block's `block_widths` entries; width_sizes: the static widths their buckets index."""
     blk = block_modules(model)[0]
     apply = functools.partial(blk.apply, {"params": bp})
     b, n, d = img.shape
@@ -196,7 +189,7 @@ def double_forward_tdw(model, bp, img, txt, vec, pe, width, capacities, sizes):
             return _matmul(x, jnp.take(p["kernel"], rows, axis=0), p["bias"])
         return project("img", out[:, n_txt:]), project("txt", out[:, :n_txt])
 
-    head_sizes = fraction_sizes(sizes, heads, "width")
+    head_sizes = width_sizes
     img_att, txt_att = _switch(width["head"]["bucket"],
                                [functools.partial(attend, k) for k in head_sizes], img_h, txt_h)
     img_a = img + img_mod1[2] * img_att
@@ -235,7 +228,8 @@ def double_forward_tdw(model, bp, img, txt, vec, pe, width, capacities, sizes):
     return img_out, txt_out, jnp.sum(keep, axis=1, dtype=jnp.int32)
 
 
-def single_forward_tdw(model, bp, x, vec, pe, n_txt: int, width, capacities, sizes):
+def single_forward_tdw(model, bp, x, vec, pe, n_txt: int, capacities, *, width,
+                       width_sizes):
     """`single_forward` with gathered heads and MLP groups: per sample a capacity branch,
     inside it one switch over the head widths (q/k/v columns of linear1, attention, the
     attention rows of linear2) and one over the group widths (the MLP columns of linear1,
@@ -249,7 +243,7 @@ def single_forward_tdw(model, bp, x, vec, pe, n_txt: int, width, capacities, siz
     keep = token_gate(apply(x, vec, n_txt, method="route_logits"), False) > 0.5
     rows, kept = jax.vmap(kept_first)(keep)
     caps = fraction_sizes(capacities, n, "token capacity")
-    sizes = fraction_sizes(sizes, heads, "width")
+    sizes = width_sizes
     shift, scale, gate = apply(vec, method=lambda m, v: m.modulation(v))
     lin1, lin2 = bp["linear1"], bp["linear2"]
     wh, wg = width["head"], width["group"]
@@ -437,13 +431,15 @@ def forward(model, rest, doubles, singles, img, img_ids, txt, txt_ids, timesteps
     else:
         w_double = w_single = None
     route_double, route_single = (ROUTES[kind][int(tdw)] for kind in ("double", "single"))
-    extra = (width_grid,) if tdw else ()
+
+    def width_kw(width):
+        return dict(width=width, width_sizes=sizes) if tdw else {}
 
     def double(carry, xs):
         img, txt = carry
         bp, width = xs
-        args = (width,) if tdw else ()
-        img, txt, kept = route_double(model, bp, img, txt, vec, pe, *args, capacities, *extra)
+        img, txt, kept = route_double(model, bp, img, txt, vec, pe, capacities,
+                                      **width_kw(width))
         return (img, txt), kept
 
     (img, txt), kept_double = lax.scan(double, (img, txt), (doubles, w_double))
@@ -451,8 +447,7 @@ def forward(model, rest, doubles, singles, img, img_ids, txt, txt_ids, timesteps
 
     def single(x, xs):
         bp, width = xs
-        args = (width,) if tdw else ()
-        return route_single(model, bp, x, vec, pe, n_txt, *args, capacities, *extra)
+        return route_single(model, bp, x, vec, pe, n_txt, capacities, **width_kw(width))
 
     x, kept_single = lax.scan(single, jnp.concatenate([txt, img], axis=1), (singles, w_single))
     out = model.apply({"params": rest}, x[:, n_txt:], vec, method="head")
@@ -508,7 +503,7 @@ class FluxEngine:
         self.widths = None
         self.mesh = mesh
         self.batch_axes, self.num_shards = None, 1
-        params = split_params(model, variables)
+        params = block_params(model, variables)   # (rest, doubles, singles) stacked
         if mesh is not None:
             if batch_axes is None:
                 batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or \
